@@ -1,0 +1,4 @@
+from .experiment import main
+import sys
+
+sys.exit(main())

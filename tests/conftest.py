@@ -1,0 +1,62 @@
+"""Shared pytest fixtures (keep minimal; others may append fixtures below)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nprune.idx import write_idx
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _has_files(folder: Path) -> bool:
+    return all((folder / f).is_file() or (folder / (f + ".gz")).is_file() for f in MNIST_FILES)
+
+
+def write_tiny_dataset(folder: Path, n_train: int = 20, n_test: int = 10, seed: int = 0) -> Path:
+    """Write a tiny fake MNIST-layout dataset (gzip IDX, 28x28 uint8, labels 0..9) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    for name, arr in arrays.items():
+        write_idx(folder / (name + ".gz"), arr)
+    return folder
+
+
+@pytest.fixture
+def tiny_idx_dir(tmp_path) -> Path:
+    """A folder with a tiny fake dataset (20 train / 10 test images) under the four standard .gz names."""
+    return write_tiny_dataset(tmp_path / "tiny")
+
+
+def mnist_dir() -> Path | None:
+    """The real MNIST folder: ``$NPRUNE_DATA_DIR`` if it holds the files, else ``<repo>/../shared/data/mnist``."""
+    env = os.environ.get("NPRUNE_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist")
+    for c in candidates:
+        if c.is_dir() and _has_files(c):
+            return c.resolve()
+    return None
+
+
+@pytest.fixture(name="mnist_dir")
+def mnist_dir_fixture() -> Path:
+    """Path of the real MNIST files; skips the test when they are absent."""
+    d = mnist_dir()
+    if d is None:
+        pytest.skip("real MNIST files not found (set NPRUNE_DATA_DIR)")
+    return d
