@@ -1,0 +1,147 @@
+"""The training loop: seeded epochs, a fixed iteration budget, periodic evaluation, early-stop metric.
+
+* Data order: each epoch is a fresh permutation of the training set drawn from the ``rng`` you pass
+  (sampling *without* replacement); it is cut into batches of ``batch_size`` and the last, partial batch
+  of an epoch is dropped, so every step sees exactly ``batch_size`` examples.
+* Budget: exactly ``iterations`` optimiser steps, crossing epoch boundaries as needed.
+* Evaluation: every ``eval_every`` steps (and after the last step) the model is evaluated on the
+  validation and the test split; losses and accuracies are kept as curves.
+* Early stopping, as Frankle & Carbin measure it: the early-stop iteration is the evaluated iteration
+  of minimum *validation* loss; the test accuracy reported "at early stop" is the one measured at that
+  iteration. Selection never looks at the test set.
+* Divergence: a non-finite training loss raises :class:`DivergenceError` at once.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .optim import make_optimizer
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss."""
+
+    def __init__(self, iteration: int, loss: float):
+        super().__init__(f"training diverged: loss {loss} at iteration {iteration}")
+        self.iteration, self.loss = iteration, loss
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one network once."""
+    optimizer: str = "adam"
+    lr: float = 1.2e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 60
+    iterations: int = 5000
+    eval_every: int = 100
+    eval_batch: int = 5000
+
+
+@dataclass
+class TrainResult:
+    """Curves and summary numbers of one training run (all plain Python types, JSON-ready)."""
+    iterations: list = field(default_factory=list)
+    train_loss: list = field(default_factory=list)
+    val_loss: list = field(default_factory=list)
+    val_acc: list = field(default_factory=list)
+    test_loss: list = field(default_factory=list)
+    test_acc: list = field(default_factory=list)
+    early_stop_iter: int = 0
+    early_stop_val_loss: float = float("nan")
+    early_stop_val_acc: float = float("nan")
+    early_stop_test_acc: float = float("nan")
+    final_test_acc: float = float("nan")
+    final_val_acc: float = float("nan")
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def batches(n: int, batch_size: int, iterations: int, rng: np.random.Generator):
+    """Yield ``iterations`` index arrays of length ``batch_size``: consecutive slices of per-epoch
+    permutations of ``range(n)`` drawn from ``rng``; each epoch's last partial batch is dropped."""
+    if batch_size > n:
+        raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")
+    per_epoch = n // batch_size
+    done = 0
+    while done < iterations:
+        perm = rng.permutation(n)
+        for b in range(min(per_epoch, iterations - done)):
+            yield perm[b * batch_size:(b + 1) * batch_size]
+        done += min(per_epoch, iterations - done)
+
+
+def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=None,
+          snapshot_at=(), progress: Callable | None = None) -> tuple[TrainResult, dict]:
+    """Train ``model`` in place.
+
+    Parameters
+    ----------
+    model : Sequential
+    data : object with ``x_train, y_train, x_val, y_val, x_test, y_test`` arrays.
+    cfg : TrainConfig
+    rng : generator for the data order only.
+    optimizer : an optimiser bound to ``model``; built from ``cfg`` when None. Its state is reset.
+    snapshot_at : iterations after which to copy the weights (0 = before the first step).
+    progress : called as ``progress(iteration, total, result)`` after each evaluation.
+
+    Returns
+    -------
+    (TrainResult, {iteration: weights})
+    """
+    opt = optimizer or make_optimizer(cfg.optimizer, model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    opt.reset()
+    res = TrainResult()
+    snaps: dict[int, dict] = {}
+    want = set(int(s) for s in snapshot_at)
+    if 0 in want:
+        snaps[0] = model.get_weights()
+    x, y = data.x_train, data.y_train
+    xb = np.empty((cfg.batch_size,) + x.shape[1:], x.dtype)
+    yb = np.empty((cfg.batch_size,), y.dtype)
+    t0 = time.perf_counter()
+    run_loss, run_n = 0.0, 0
+    best = math.inf
+    it = 0
+    for idx in batches(len(x), cfg.batch_size, cfg.iterations, rng):
+        np.take(x, idx, axis=0, out=xb)
+        np.take(y, idx, axis=0, out=yb)
+        loss, _ = model.loss_and_grads(xb, yb)
+        if not math.isfinite(loss):
+            raise DivergenceError(it + 1, loss)
+        opt.step()
+        it += 1
+        run_loss += loss
+        run_n += 1
+        if it in want:
+            snaps[it] = model.get_weights()
+        if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iterations:
+            vl, va = model.evaluate(data.x_val, data.y_val, cfg.eval_batch)
+            tl, ta = model.evaluate(data.x_test, data.y_test, cfg.eval_batch)
+            res.iterations.append(it)
+            res.train_loss.append(run_loss / run_n)
+            run_loss, run_n = 0.0, 0
+            res.val_loss.append(vl)
+            res.val_acc.append(va)
+            res.test_loss.append(tl)
+            res.test_acc.append(ta)
+            # no validation split: fall back to the last evaluation (documented in prepare()).
+            key = vl if math.isfinite(vl) else -it
+            if key < best:
+                best = key
+                res.early_stop_iter, res.early_stop_val_loss = it, vl
+                res.early_stop_val_acc, res.early_stop_test_acc = va, ta
+            if progress is not None:
+                progress(it, cfg.iterations, res)
+    res.final_test_acc = res.test_acc[-1] if res.test_acc else float("nan")
+    res.final_val_acc = res.val_acc[-1] if res.val_acc else float("nan")
+    res.seconds = time.perf_counter() - t0
+    return res, snaps
