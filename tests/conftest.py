@@ -60,3 +60,9 @@ def mnist_dir_fixture() -> Path:
     if d is None:
         pytest.skip("real MNIST files not found (set NPRUNE_DATA_DIR)")
     return d
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A fresh seeded generator per test (never the global np.random state)."""
+    return np.random.default_rng(12345)

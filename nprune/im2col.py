@@ -1,0 +1,148 @@
+"""im2col / col2im for NCHW convolutions (and pooling), with naive oracles for the tests.
+
+Column layout (chosen because it was the fastest on the LeNet-5 shapes, see ``Conv2D``):
+
+    cols.shape == (C * kh * kw, N * OH * OW)
+
+* row index    ``r = (c * kh + i) * kw + j``  -- channel-major, then filter row ``i``, filter column
+  ``j``; this is exactly the flattening of a weight ``W`` of shape ``(F, C, kh, kw)`` into
+  ``W.reshape(F, -1)``, so a convolution is the single GEMM ``W.reshape(F, -1) @ cols``;
+* column index ``q = (n * OH + oh) * OW + ow`` -- image, then output row, then output column.
+
+``cols[r, q] = x_padded[n, c, oh * stride + i, ow * stride + j]``.
+
+Both :func:`im2col` and :func:`col2im` loop over the ``kh * kw`` filter offsets only; each step copies
+(or adds) one strided slice of the image of shape ``(C, N, OH, OW)``, which is contiguous in the
+column buffer. col2im is the adjoint (transpose) of im2col: ``<im2col(x), c> == <x, col2im(c)>``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "conv_output_size",
+    "im2col",
+    "col2im",
+    "im2col_naive",
+    "col2im_naive",
+]
+
+
+def conv_output_size(n: int, k: int, stride: int = 1, pad: int = 0) -> int:
+    """Output length ``(n + 2*pad - k) // stride + 1`` of a convolution/pooling along one axis.
+
+    Raises ``ValueError`` if the window does not tile exactly (``(n + 2*pad - k) % stride != 0``) or
+    the result would be ``<= 0``.
+    """
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if pad < 0:
+        raise ValueError(f"padding must be non-negative, got {pad}")
+    span = n + 2 * pad - k
+    if span < 0:
+        raise ValueError(
+            f"kernel size {k} is larger than the padded input ({n} + 2*{pad} = {n + 2 * pad})"
+        )
+    if span % stride != 0:
+        raise ValueError(
+            f"(input {n} + 2*pad {pad} - kernel {k}) = {span} is not divisible by stride {stride}"
+        )
+    return span // stride + 1
+
+
+def _padded_cnhw(x: np.ndarray, pad: int) -> np.ndarray:
+    """``x`` (N, C, H, W) as a (C, N, H+2p, W+2p) array (a transposed view when ``pad == 0``)."""
+    xt = x.transpose(1, 0, 2, 3)
+    if pad == 0:
+        return xt
+    n, c, h, w = x.shape
+    xp = np.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=x.dtype)
+    xp[:, :, pad:pad + h, pad:pad + w] = xt
+    return xp
+
+
+def im2col(x: np.ndarray, kh: int, kw: int, stride: int = 1, pad: int = 0,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """Unfold image patches into columns.
+
+    Inputs:
+    - x: (N, C, H, W) images.
+    - kh, kw: filter height and width; stride, pad: applied to both spatial axes (zero padding).
+    - out: optional preallocated buffer of shape (C*kh*kw, N*OH*OW) and x's dtype to fill.
+
+    Returns cols: (C*kh*kw, N*OH*OW), x's dtype, in the layout described in the module docstring.
+    """
+    n, c, h, w = x.shape
+    oh = conv_output_size(h, kh, stride, pad)
+    ow = conv_output_size(w, kw, stride, pad)
+    if out is None:
+        out = np.empty((c * kh * kw, n * oh * ow), dtype=x.dtype)
+    elif out.shape != (c * kh * kw, n * oh * ow) or out.dtype != x.dtype:
+        raise ValueError(f"out buffer has shape {out.shape}/{out.dtype}, expected "
+                         f"{(c * kh * kw, n * oh * ow)}/{x.dtype}")
+    xp = _padded_cnhw(x, pad)
+    cols6 = out.reshape(c, kh, kw, n, oh, ow)
+    hs, ws = stride * (oh - 1) + 1, stride * (ow - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            cols6[:, i, j] = xp[:, :, i:i + hs:stride, j:j + ws:stride]
+    return out
+
+
+def col2im(cols: np.ndarray, x_shape: tuple, kh: int, kw: int, stride: int = 1,
+           pad: int = 0) -> np.ndarray:
+    """Fold columns back into an image, summing overlapping contributions (adjoint of im2col).
+
+    Inputs:
+    - cols: (C*kh*kw, N*OH*OW) in the im2col layout (e.g. the gradient w.r.t. the columns).
+    - x_shape: (N, C, H, W) of the original (unpadded) input.
+
+    Returns dx: (N, C, H, W) contiguous, cols' dtype. Implemented as a loop over the ``kh*kw``
+    filter offsets adding strided slices (no ``np.add.at``).
+    """
+    n, c, h, w = x_shape
+    oh = conv_output_size(h, kh, stride, pad)
+    ow = conv_output_size(w, kw, stride, pad)
+    if cols.shape != (c * kh * kw, n * oh * ow):
+        raise ValueError(f"cols has shape {cols.shape}, expected {(c * kh * kw, n * oh * ow)}")
+    cols6 = cols.reshape(c, kh, kw, n, oh, ow)
+    hp, wp = h + 2 * pad, w + 2 * pad
+    dxp = np.zeros((c, n, hp, wp), dtype=cols.dtype)
+    hs, ws = stride * (oh - 1) + 1, stride * (ow - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, :, i:i + hs:stride, j:j + ws:stride] += cols6[:, i, j]
+    dx = np.empty((n, c, h, w), dtype=cols.dtype)
+    dx[...] = dxp[:, :, pad:pad + h, pad:pad + w].transpose(1, 0, 2, 3)
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# Naive oracles (tests only): explicit index arithmetic and np.add.at.
+# ----------------------------------------------------------------------------------------------
+
+def _naive_indices(x_shape, kh, kw, stride, pad):
+    n, c, h, w = x_shape
+    oh = conv_output_size(h, kh, stride, pad)
+    ow = conv_output_size(w, kw, stride, pad)
+    cc, ii, jj, nn, oo, pp = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), np.arange(n),
+                                         np.arange(oh), np.arange(ow), indexing="ij")
+    rows = (nn, cc, oo * stride + ii, pp * stride + jj)
+    return rows, (c * kh * kw, n * oh * ow)
+
+
+def im2col_naive(x, kh, kw, stride=1, pad=0):
+    """Oracle for :func:`im2col` via fancy indexing into the padded image (tests only)."""
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    idx, shape = _naive_indices(x.shape, kh, kw, stride, pad)
+    return xp[idx].reshape(shape)
+
+
+def col2im_naive(cols, x_shape, kh, kw, stride=1, pad=0):
+    """Oracle for :func:`col2im` via ``np.add.at`` into the padded image (tests only)."""
+    n, c, h, w = x_shape
+    xp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    idx, shape = _naive_indices(x_shape, kh, kw, stride, pad)
+    np.add.at(xp, idx, cols.reshape(c, kh, kw, n, *idx[0].shape[-2:]))
+    return xp[:, :, pad:pad + h, pad:pad + w].copy()
