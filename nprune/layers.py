@@ -68,6 +68,10 @@ class Layer:
         self.prunable: tuple[str, ...] = ()
         self.need_dx: bool = True
         self._cache = None
+        # Optional accelerated implementation (see nprune.sparse). When set, Dense and Conv2D hand
+        # forward/backward to ``kernel.forward(layer, x, train)`` / ``kernel.backward(layer, dout)``
+        # and set_mask calls ``kernel.mask_changed(layer)``. None = the dense code below.
+        self.kernel = None
 
     # -- forward / backward -------------------------------------------------------------------
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:  # pragma: no cover
@@ -115,6 +119,8 @@ class Layer:
                            f"(prunable: {list(self.prunable)})")
         if mask is None:
             self.masks[name] = None
+            if self.kernel is not None:
+                self.kernel.mask_changed(self)
             return
         p = self.params[name]
         m = np.asarray(mask)
@@ -128,6 +134,8 @@ class Layer:
                 raise ValueError(f"numeric mask for {name!r} must contain only 0 and 1")
         self.masks[name] = keep.astype(p.dtype)
         p[~keep] = 0
+        if self.kernel is not None:
+            self.kernel.mask_changed(self)
 
     def n_weights(self) -> int:
         """Number of entries in the prunable parameters (weights), pruned or not."""
@@ -169,6 +177,8 @@ class Dense(Layer):
 
     def forward(self, x, train=True):
         """Inputs: x (N, in). Returns y (N, out) in the layer dtype. Caches x when ``train``."""
+        if self.kernel is not None:
+            return self.kernel.forward(self, x, train)
         x = np.asarray(x)
         if x.dtype != self.dtype:
             x = x.astype(self.dtype)
@@ -186,6 +196,8 @@ class Dense(Layer):
 
         Returns dx (N, in), or None when ``need_dx`` is False.
         """
+        if self.kernel is not None:
+            return self.kernel.backward(self, dout)
         x = self._get_cache()
         np.matmul(x.T, dout, out=self.grads["W"])
         self._mask_grad("W")
@@ -252,6 +264,8 @@ class Conv2D(Layer):
         ``OH = (H + 2*padding - kh) // stride + 1`` (must divide exactly, else ValueError).
         Caches the im2col columns (C*kh*kw, N*OH*OW) when ``train``.
         """
+        if self.kernel is not None:
+            return self.kernel.forward(self, x, train)
         x = np.asarray(x)
         if x.dtype != self.dtype:
             x = x.astype(self.dtype)
@@ -280,6 +294,8 @@ class Conv2D(Layer):
 
         Returns dx (N, C, H, W), or None when ``need_dx`` is False.
         """
+        if self.kernel is not None:
+            return self.kernel.backward(self, dout)
         x_shape, cols = self._get_cache()
         f = self.out_channels
         k, m = cols.shape

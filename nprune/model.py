@@ -141,6 +141,12 @@ class Sequential:
             correct += int((logits.argmax(1) == yb).sum())
         return total / len(x), correct / len(x)
 
+    def set_kernel(self, choice: str) -> None:
+        """Choose each layer's kernel: ``dense`` (the masked dense code in layers.py), ``sparse``
+        or ``auto`` (see :mod:`nprune.sparse`)."""
+        from .sparse import apply_kernel
+        apply_kernel(self, choice)
+
     def summary(self) -> str:
         """One line per layer: name, type, parameter shapes, weights left."""
         lines = []
