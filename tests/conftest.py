@@ -66,3 +66,26 @@ def mnist_dir_fixture() -> Path:
 def rng() -> np.random.Generator:
     """A fresh seeded generator per test (never the global np.random state)."""
     return np.random.default_rng(12345)
+
+
+def synthetic_splits(n_train: int = 600, n_val: int = 200, n_test: int = 200, seed: int = 0):
+    """A small learnable 10-class problem shaped like MNIST (N, 1, 28, 28) float32: each class is a
+    fixed random template plus noise. Used where real data is not the point."""
+    from nprune.datasets import Splits
+    g = np.random.default_rng(seed)
+    templates = g.random((10, 1, 28, 28)).astype(np.float32)
+
+    def make(n):
+        y = g.integers(0, 10, n)
+        x = templates[y] * 0.6 + g.random((n, 1, 28, 28)).astype(np.float32) * 0.4
+        return x.astype(np.float32), y.astype(np.int64)
+
+    xtr, ytr = make(n_train)
+    xva, yva = make(n_val)
+    xte, yte = make(n_test)
+    return Splits(xtr, ytr, xva, yva, xte, yte)
+
+
+@pytest.fixture
+def synth():
+    return synthetic_splits()

@@ -1,0 +1,125 @@
+"""Per-layer timing breakdown of one training step (median microseconds per step).
+
+Usage::
+
+    python benchmarks/profile_step.py [--nets lenet300,lenet5] [--steps 200] [--threads N]
+
+For each net the step is run piece by piece exactly as :func:`nprune.train.train` runs it: data gather
+(``np.take`` of a random minibatch into preallocated buffers), every layer's forward (train mode), the
+softmax cross-entropy, every layer's backward (reverse order), the optimiser step (LeNet-300-100: Adam,
+batch 60; LeNet-5: SGD momentum 0.9, batch 64). Each piece is timed with ``perf_counter`` and the median
+over ``--steps`` steps (after a warm-up) is printed as a markdown table, plus the median of an untimed
+whole step (``loss_and_grads`` + ``step``) for comparison with the sum of the parts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--nets", default="lenet300,lenet5")
+ap.add_argument("--steps", type=int, default=200)
+ap.add_argument("--warmup", type=int, default=20)
+ap.add_argument("--threads", type=int, default=None, help="BLAS threads (default: library default)")
+ap.add_argument("--data-dir", default="/work/shared/data/mnist")
+args = ap.parse_args()
+if args.threads:
+    for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[v] = str(args.threads)
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nprune.losses import softmax_cross_entropy  # noqa: E402
+from nprune.nets import build  # noqa: E402
+from nprune.optim import make_optimizer  # noqa: E402
+
+RECIPES = {"lenet300": ("adam", 1.2e-3, 0.0, 60), "lenet5": ("sgd", 0.01, 0.9, 64)}
+
+
+def load(data_dir):
+    try:
+        from nprune.datasets import load_dataset, prepare
+        d = prepare(load_dataset("mnist", data_dir=data_dir), n_val=5000, seed=0)
+        return d.x_train, d.y_train
+    except Exception as e:  # pragma: no cover - offline fallback
+        print(f"(MNIST not available: {e}; using random data)", file=sys.stderr)
+        rng = np.random.default_rng(0)
+        return rng.random((55000, 1, 28, 28), np.float32), rng.integers(0, 10, 55000)
+
+
+def profile(net, x, y, steps, warmup):
+    opt_name, lr, mom, bs = RECIPES[net]
+    rng = np.random.default_rng(0)
+    model = build(net, rng)
+    opt = make_optimizer(opt_name, model, lr, mom)
+    xb = np.empty((bs,) + x.shape[1:], x.dtype)
+    yb = np.empty((bs,), y.dtype)
+    rows: dict[str, list] = {}
+    order: list[str] = []
+
+    def rec(key, dt):
+        if key not in rows:
+            rows[key] = []
+            order.append(key)
+        rows[key].append(dt)
+
+    pc = time.perf_counter
+    whole = []
+    for s in range(warmup + steps):
+        keep = s >= warmup
+        t = pc()
+        idx = rng.integers(0, len(x), bs)
+        np.take(x, idx, axis=0, out=xb)
+        np.take(y, idx, axis=0, out=yb)
+        t1 = pc()
+        if keep:
+            rec("data gather", t1 - t)
+        h = xb
+        for name, layer in zip(model.names, model.layers):
+            t = pc()
+            h = layer.forward(h, True)
+            if keep:
+                rec(f"{name} fwd", pc() - t)
+        t = pc()
+        loss, d = softmax_cross_entropy(h, yb)
+        if keep:
+            rec("loss (softmax CE)", pc() - t)
+        for name, layer in zip(reversed(model.names), reversed(model.layers)):
+            t = pc()
+            d = layer.backward(d)
+            if keep:
+                rec(f"{name} bwd", pc() - t)
+        t = pc()
+        opt.step()
+        if keep:
+            rec(f"optimizer ({opt_name})", pc() - t)
+        # an un-instrumented step, for the total
+        t = pc()
+        model.loss_and_grads(xb, yb)
+        opt.step()
+        if keep:
+            whole.append(pc() - t)
+    return order, rows, whole
+
+
+def main():
+    x, y = load(args.data_dir)
+    for net in args.nets.split(","):
+        order, rows, whole = profile(net, x, y, args.steps, args.warmup)
+        med = {k: float(np.median(v)) * 1e6 for k, v in rows.items()}
+        tot = sum(med.values())
+        print(f"\n### {net} (batch {RECIPES[net][3]}, {RECIPES[net][0]}), median us per step "
+              f"over {args.steps} steps\n")
+        print("| part | us | % |")
+        print("|---|---:|---:|")
+        for k in order:
+            print(f"| {k} | {med[k]:.0f} | {100 * med[k] / tot:.1f} |")
+        print(f"| **sum of parts** | {tot:.0f} | 100 |")
+        print(f"| whole step (loss_and_grads + step), median | {np.median(whole) * 1e6:.0f} | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Figures in the style of the lottery-ticket paper, drawn from the saved per-round metrics.
+
+* ``accuracy_vs_weights.png``: test accuracy at early stop vs percent of weights remaining (log x
+  axis, reversed so pruning goes left to right), one line per strategy, mean over seeds with min/max
+  error bars.
+* ``early_stop_vs_weights.png``: early-stop iteration vs percent of weights remaining, same layout.
+* ``curves.png``: test accuracy over training iterations for selected rounds, one panel per strategy.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+if not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLORS = {"rewind": "tab:blue", "reinit": "tab:orange", "finetune": "tab:green", "dense": "black"}
+
+
+def _color(strategy: str, i: int) -> str:
+    return COLORS.get(strategy, f"C{(i + 3) % 10}")
+
+
+def strategy_order(name: str):
+    """Sort key: rewind, reinit, finetune, then rewind-to-K by K."""
+    fixed = {"rewind": 0, "reinit": 1, "finetune": 2}
+    if name in fixed:
+        return (fixed[name], 0)
+    return (3, int(name.rsplit("-", 1)[-1]) if name[-1:].isdigit() else 0)
+
+
+def by_strategy(rows: list) -> dict:
+    """{strategy: {round: [metrics of each seed]}}; the dense round 0 joins every strategy."""
+    dense = [m for m in rows if m["round"] == 0]
+    strategies = sorted({m["strategy"] for m in rows if m["round"] > 0}, key=strategy_order)
+    out = {}
+    for s in strategies:
+        d = {0: dense}
+        for m in rows:
+            if m["strategy"] == s and m["round"] > 0:
+                d.setdefault(m["round"], []).append(m)
+        out[s] = d
+    if not strategies and dense:
+        out["dense"] = {0: dense}
+    return out
+
+
+def _series(rounds: dict, key: str):
+    xs, mean, lo, hi = [], [], [], []
+    for r in sorted(rounds):
+        ms = [m for m in rounds[r] if not m.get("diverged")]
+        if not ms:
+            continue
+        vals = np.array([m[key] for m in ms], float)
+        xs.append(np.mean([m["percent_left"] for m in ms]))
+        mean.append(vals.mean())
+        lo.append(vals.mean() - vals.min())
+        hi.append(vals.max() - vals.mean())
+    return np.array(xs), np.array(mean), np.array([lo, hi])
+
+
+def _weights_axis(ax):
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("percent of weights remaining")
+    ticks = [100, 51.3, 21.1, 7.0, 3.6, 1.9, 1.0, 0.5]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.grid(True, alpha=0.3)
+
+
+def plot_metric(rows: list, key: str, ylabel: str, title: str, path, scale: float = 1.0) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (s, rounds) in enumerate(by_strategy(rows).items()):
+        x, y, err = _series(rounds, key)
+        if len(x):
+            ax.errorbar(x, y * scale, yerr=err * scale, marker="o", ms=4, capsize=3,
+                        label=s, color=_color(s, i))
+    _weights_axis(ax)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _legend(ax)
+    fig.tight_layout()
+    path = Path(path)
+    _save(fig, path)
+    return path
+
+
+def plot_curves(rows: list, title: str, path, max_rounds: int = 5) -> Path:
+    groups = by_strategy(rows)
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.2 * max(1, len(groups)), 4.0),
+                             squeeze=False, sharey=True)
+    for ax, (s, rounds) in zip(axes[0], groups.items()):
+        rs = sorted(rounds)
+        pick = sorted(set(rs[:: max(1, int(np.ceil(len(rs) / max_rounds)))] + [rs[-1]]))
+        cmap = plt.get_cmap("viridis")
+        for j, r in enumerate(pick):
+            m = next((m for m in rounds[r] if not m.get("diverged") and "curves" in m), None)
+            if m is None:
+                continue
+            c = m["curves"]
+            ax.plot(c["iterations"], np.array(c["test_acc"]) * 100,
+                    color=cmap(j / max(1, len(pick) - 1)),
+                    label=f"{m['percent_left']:.1f}% left (seed {m['seed']})")
+        ax.set_title(f"{title}: {s}")
+        ax.set_xlabel("training iteration")
+        ax.grid(True, alpha=0.3)
+        _legend(ax, fontsize=8)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    lows = [min(m["curves"]["test_acc"]) for m in rows if "curves" in m and m["curves"]["test_acc"]]
+    if lows:
+        axes[0][0].set_ylim(max(0, min(95, np.percentile(lows, 10) * 100)), 100)
+    fig.tight_layout()
+    path = Path(path)
+    _save(fig, path)
+    return path
+
+
+def _legend(ax, **kw) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+    else:
+        ax.text(0.5, 0.5, "no finished (non-diverged) round", ha="center", transform=ax.transAxes)
+
+
+def _save(fig, path: Path) -> None:
+    """Save via a temporary file and os.replace (atomic, like every result file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def all_plots(rows: list, out_dir, title: str) -> list:
+    """Write the three figures into ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    return [
+        plot_metric(rows, "early_stop_test_acc", "test accuracy at early stop (%)", title,
+                    out_dir / "accuracy_vs_weights.png", scale=100),
+        plot_metric(rows, "early_stop_iter", "early-stop iteration (min val loss)", title,
+                    out_dir / "early_stop_vs_weights.png"),
+        plot_curves(rows, title, out_dir / "curves.png"),
+    ]

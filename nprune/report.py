@@ -1,0 +1,118 @@
+"""Tables from a run folder: ``results.csv`` (one row per seed, strategy and round), ``curves.csv``
+(one row per evaluation), ``summary.md`` (means over seeds, min-max in brackets), and the plots.
+Everything is rebuilt from the saved ``metrics.json`` files, so ``report RUN_DIR`` works on any run,
+finished or not."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .lottery import collect
+from .plots import all_plots, by_strategy
+from .runs import atomic_write_text, load_json
+
+RESULT_COLUMNS = ["seed", "strategy", "round", "percent_left", "weights_left", "early_stop_iter",
+                  "early_stop_val_loss", "early_stop_val_acc", "early_stop_test_acc",
+                  "final_val_acc", "final_test_acc", "lr", "diverged"]
+
+
+def results_csv(rows: list) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(RESULT_COLUMNS)
+    for m in rows:
+        m = dict(m, weights_left=m["weights"]["total"]["left"])
+        w.writerow([_fmt(m.get(c, "")) for c in RESULT_COLUMNS])
+    return buf.getvalue()
+
+
+def curves_csv(rows: list) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    cols = ["iterations", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc"]
+    w.writerow(["seed", "strategy", "round", "percent_left", "iteration"] + cols[1:])
+    for m in rows:
+        c = m.get("curves")
+        if not c:
+            continue
+        for i in range(len(c["iterations"])):
+            w.writerow([m["seed"], m["strategy"], m["round"], _fmt(m["percent_left"])] +
+                       [_fmt(c[k][i]) for k in cols])
+    return buf.getvalue()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def _cell(vals, scale=1.0, digits=2):
+    vals = np.asarray([v for v in vals if v is not None and np.isfinite(v)], float) * scale
+    if vals.size == 0:
+        return "diverged"
+    if vals.size == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{vals.mean():.{digits}f} [{vals.min():.{digits}f}-{vals.max():.{digits}f}]"
+
+
+def summary_markdown(rows: list, settings: dict | None = None, title: str = "") -> str:
+    groups = by_strategy(rows)
+    strategies = list(groups)
+    rounds = sorted({r for g in groups.values() for r in g})
+    seeds = sorted({m["seed"] for m in rows})
+    lines = [f"# {title or 'nprune run'}", ""]
+    if settings:
+        recipe = settings.get("recipe", settings)
+        lines.append("Recipe: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+        lines.append("")
+    lines.append(f"Seeds: {', '.join(map(str, seeds))} (cells: mean [min-max] over seeds). Test accuracy "
+                 "in % at the early-stop iteration (minimum validation loss); early-stop iteration "
+                 "in training steps.")
+    lines.append("")
+    head = ["round", "weights left %"]
+    for s in strategies:
+        head += [f"{s} acc", f"{s} early-stop it", f"{s} final acc"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rounds:
+        lefts = [m["percent_left"] for g in groups.values() for m in g.get(r, [])]
+        row = [str(r), f"{np.mean(lefts):.2f}" if lefts else ""]
+        for s in strategies:
+            ms = groups[s].get(r, [])
+            if not ms:
+                row += ["", "", ""]
+                continue
+            ok = [m for m in ms if not m.get("diverged")]
+            row += [_cell([m["early_stop_test_acc"] for m in ok], 100),
+                    _cell([m["early_stop_iter"] for m in ok], 1, 0),
+                    _cell([m["final_test_acc"] for m in ok], 100)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(run_dir) -> dict:
+    """Rebuild ``results.csv``, ``curves.csv``, ``summary.md`` and the PNG plots of ``run_dir``.
+    Returns ``{"rows": n, "files": [paths]}``; raises FileNotFoundError when nothing is finished."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    rows = collect(run_dir)
+    if not rows:
+        raise FileNotFoundError(f"{run_dir}: no finished round to report (no seed_*/…/metrics.json)")
+    settings = load_json(run_dir / "settings.json") if (run_dir / "settings.json").exists() else None
+    title = run_dir.name
+    if settings:
+        rec = settings.get("recipe", {})
+        title = f"{rec.get('net', '')} on {rec.get('dataset', '')} ({run_dir.name})"
+    files = []
+    for name, text in (("results.csv", results_csv(rows)), ("curves.csv", curves_csv(rows)),
+                       ("summary.md", summary_markdown(rows, settings, title))):
+        atomic_write_text(run_dir / name, text)
+        files.append(run_dir / name)
+    files += all_plots(rows, run_dir, title)
+    return {"rows": len(rows), "files": files}

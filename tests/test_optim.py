@@ -1,0 +1,132 @@
+"""Optimisers: the mask invariant (pruned weights exactly zero after any number of steps), state
+reset, and the update formulas against hand-computed values (and PyTorch when installed)."""
+import numpy as np
+import pytest
+
+from nprune import nets
+from nprune.optim import SGD, Adam, make_optimizer
+
+
+def _random_masks(model, rng, density=0.3):
+    return {n: rng.random(model.params()[n].shape) < density for n in model.prunable()}
+
+
+@pytest.mark.parametrize("net", ["lenet300", "lenet5"])
+@pytest.mark.parametrize("opt", ["sgd-momentum", "sgd-wd", "adam", "adam-wd"])
+def test_pruned_weights_stay_exactly_zero(net, opt, rng, synth):
+    model = nets.build(net, rng)
+    masks = _random_masks(model, rng)
+    model.set_masks(masks)
+    if opt.startswith("sgd"):
+        o = SGD(model, 0.05, momentum=0.9, weight_decay=1e-3 if opt == "sgd-wd" else 0.0)
+    else:
+        o = Adam(model, 1e-2, weight_decay=1e-3 if opt == "adam-wd" else 0.0)
+    bs = 16
+    for step in range(50):
+        i = (step * bs) % (len(synth.x_train) - bs)
+        model.loss_and_grads(synth.x_train[i:i + bs], synth.y_train[i:i + bs])
+        o.step()
+    params = model.params()
+    for name, m in masks.items():
+        assert np.all(params[name][~m] == 0.0)
+        assert np.count_nonzero(params[name][m]) > 0.9 * m.sum()   # survivors do train
+        # momentum / Adam moments never accumulate anything at pruned positions
+        for key in ("m", "v"):
+            slot = o.state.get(name, {}).get(key)
+            if slot is not None:
+                assert np.all(slot[~m] == 0.0)
+    # the gradients of pruned weights are exactly zero too
+    for name, m in masks.items():
+        assert np.all(model.grads()[name][~m] == 0.0)
+
+
+def test_optimizer_reset_clears_state(rng, synth):
+    model = nets.build("lenet300", rng)
+    o = Adam(model, 1e-3)
+    model.loss_and_grads(synth.x_train[:8], synth.y_train[:8])
+    o.step()
+    assert o.state and o.t == 1
+    o.reset()
+    assert o.state == {} and o.t == 0
+
+
+class _One:
+    """A one-parameter 'model' to check update formulas by hand."""
+
+    def __init__(self, p, g, mask=None):
+        self.p, self.g, self.m = {"w": p}, {"w": g}, {"w": mask}
+
+    def params(self):
+        return self.p
+
+    def grads(self):
+        return self.g
+
+    def masks(self):
+        return self.m
+
+
+def test_sgd_momentum_formula():
+    p = np.array([1.0, 2.0], np.float32)
+    g = np.array([0.5, -1.0], np.float32)
+    o = SGD(_One(p, g), lr=0.1, momentum=0.9, weight_decay=0.01)
+    o.step()   # v = g + wd p ; p -= lr v
+    v1 = np.array([0.5 + 0.01, -1.0 + 0.02], np.float32)
+    np.testing.assert_allclose(p, np.array([1.0, 2.0]) - 0.1 * v1, rtol=1e-6)
+    p_before = p.copy()
+    o.step()   # v = 0.9 v1 + g + wd p
+    v2 = 0.9 * v1 + g + 0.01 * p_before
+    np.testing.assert_allclose(p, p_before - 0.1 * v2, rtol=1e-6)
+    assert p.dtype == np.float32
+
+
+def test_adam_formula_and_bias_correction():
+    p = np.array([1.0, -1.0], np.float64)
+    g = np.array([0.1, -0.3], np.float64)
+    o = Adam(_One(p, g), lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    p0 = p.copy()
+    o.step()
+    # first step: m_hat = g, v_hat = g^2, update = lr * g / (|g| + eps)
+    np.testing.assert_allclose(p, p0 - 0.01 * g / (np.abs(g) + 1e-8), rtol=1e-10)
+
+
+def test_adam_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    p = rng.standard_normal(20)
+    grads = [rng.standard_normal(20) for _ in range(5)]
+    mine = p.copy()
+    g = np.zeros(20)
+    o = Adam(_One(mine, g), lr=1e-2, weight_decay=0.01)
+    tp = torch.tensor(p, requires_grad=True)
+    to = torch.optim.Adam([tp], lr=1e-2, weight_decay=0.01)
+    for gr in grads:
+        g[...] = gr
+        o.step()
+        tp.grad = torch.tensor(gr)
+        to.step()
+    np.testing.assert_allclose(mine, tp.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_sgd_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    p = rng.standard_normal(20)
+    mine, g = p.copy(), np.zeros(20)
+    o = SGD(_One(mine, g), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    tp = torch.tensor(p, requires_grad=True)
+    to = torch.optim.SGD([tp], lr=0.05, momentum=0.9, weight_decay=1e-3)
+    for _ in range(5):
+        gr = rng.standard_normal(20)
+        g[...] = gr
+        o.step()
+        tp.grad = torch.tensor(gr)
+        to.step()
+    np.testing.assert_allclose(mine, tp.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError):
+        make_optimizer("rmsprop", None, 0.1)
+    with pytest.raises(ValueError):
+        SGD(None, lr=0.0)
+    with pytest.raises(ValueError):
+        SGD(None, lr=0.1, momentum=1.0)
