@@ -69,6 +69,13 @@ class UsageError(Exception):
     """A bad flag value: reported as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (``nprune: error: ...``) rather than usage + error."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
 def _parse_seeds(text: str) -> list[int]:
     """``3`` -> [0, 1, 2]; ``0,3,7`` -> those seeds; ``2-4`` -> [2, 3, 4] (parts may be mixed)."""
     try:
@@ -100,12 +107,12 @@ def _parse_layer_rates(text: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m nprune.experiment",
         description="Lottery-ticket experiments: train, prune by magnitude, reset the survivors "
                     "(rewind / reinit / rewind-to-K / finetune), repeat; write tables and plots. "
                     "Subcommands: 'report RUN_DIR...' rebuilds tables and plots from saved files; "
-                    "'presets' lists the presets.",
+                    "'train --net NET --epochs N' trains one dense network; 'presets' lists the presets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="starting recipe; every value can be overridden by the flags below")
@@ -373,7 +380,7 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel)
 
 def cmd_report(argv) -> int:
     from .report import write_report
-    p = argparse.ArgumentParser(prog="python -m nprune.experiment report",
+    p = _Parser(prog="python -m nprune.experiment report",
                                 description="Rebuild results.csv, curves.csv, summary.md and the "
                                             "plots of run folders from their saved files.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -383,6 +390,61 @@ def cmd_report(argv) -> int:
         print(f"{d}: {info['rows']} rounds")
         for f in info["files"]:
             print(f"  {f}")
+    return 0
+
+
+def cmd_train(argv) -> int:
+    """Train one dense network and print validation/test accuracy after every epoch."""
+    import numpy as np
+    from .datasets import load_dataset, prepare
+    from .train import TrainConfig, train
+    p = _Parser(prog="python -m nprune.experiment train",
+                description="Train one dense network (no pruning) and print its accuracy per epoch. "
+                            "Defaults: LeNet-300-100 with Adam 1.2e-3, batch 60; LeNet-5 with SGD "
+                            "momentum 0.9, lr 0.01, batch 64.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--net", choices=list(nets.NETS), default="lenet300")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--optimizer", choices=["adam", "sgd"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--init", default="glorot_normal", choices=["glorot_normal", "glorot_uniform", "he_normal"])
+    p.add_argument("--val", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    p.add_argument("--data-dir")
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--kernel", choices=["dense", "sparse", "auto"], default=None)
+    a = p.parse_args(argv)
+    if a.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {a.epochs}")
+    base = dict(LENET300_ADAM if a.net == "lenet300" else LENET5_SGD)
+    for k in ("optimizer", "lr", "momentum", "batch_size"):
+        if getattr(a, k) is not None:
+            base[k] = getattr(a, k)
+    if base["batch_size"] <= 0 or not base["lr"] > 0:
+        raise UsageError("--batch-size and --lr must be > 0")
+    data = prepare(load_dataset(a.dataset, data_dir=a.data_dir, download=not a.no_download),
+                   n_val=a.val, seed=0)
+    per_epoch = len(data.x_train) // base["batch_size"]
+    cfg = TrainConfig(iterations=a.epochs * per_epoch, eval_every=per_epoch, **base)
+    model = nets.build(a.net, np.random.default_rng([a.seed, 0, 0]), init=a.init)
+    if a.kernel:
+        model.set_kernel(a.kernel)
+    print(f"{a.net} on {a.dataset}: {cfg}", flush=True)
+    print("| epoch | iteration | train loss | val loss | val acc % | test acc % | elapsed s |")
+    print("|---|---|---|---|---|---|---|")
+    t0 = time.perf_counter()
+
+    def show(it, total, r):
+        print(f"| {it // per_epoch} | {it} | {r.train_loss[-1]:.4f} | {r.val_loss[-1]:.4f} | "
+              f"{100 * r.val_acc[-1]:.2f} | {100 * r.test_acc[-1]:.2f} | {time.perf_counter() - t0:.1f} |",
+              flush=True)
+    res, _ = train(model, data, cfg, np.random.default_rng([a.seed, 1, 0]), progress=show)
+    print(f"best test accuracy {100 * max(res.test_acc):.2f}% ; at early stop (min val loss, iteration "
+          f"{res.early_stop_iter}) {100 * res.early_stop_test_acc:.2f}% ; final {100 * res.final_test_acc:.2f}% ; "
+          f"training {res.seconds:.1f}s")
     return 0
 
 
@@ -398,7 +460,10 @@ def cmd_run(argv) -> int:
     args = build_parser().parse_args(argv)
     jobs = resolve(args)
     out = Path(args.out)
+    from .datasets import load_dataset
     from .report import write_report
+    # find (or download) and verify the data before anything is written
+    load_dataset(args.dataset, data_dir=args.data_dir, download=not args.no_download)
     done = []
     t0 = time.perf_counter()
     for job in jobs:
@@ -424,6 +489,8 @@ def main(argv=None) -> int:
             return cmd_report(argv[1:])
         if argv and argv[0] == "presets":
             return cmd_presets()
+        if argv and argv[0] == "train":
+            return cmd_train(argv[1:])
         return cmd_run(argv)
     except UsageError as e:
         print(f"nprune: error: {e}", file=sys.stderr)

@@ -1,0 +1,137 @@
+"""The CLI: help, presets, one-line errors with non-zero exit and no traceback, a run end to end
+(synthetic data in-process; real MNIST in a subprocess), resume after kill -9, report rebuild."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nprune import experiment
+from nprune.experiment import PRESETS, build_parser, main, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, env=None, timeout=300):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "nprune.experiment", *args], capture_output=True,
+                          text=True, env=e, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--rounds", "-1"], "--rounds must be >= 0"),
+    (["--rate", "1.5"], "--rate must be in (0, 1)"),
+    (["--rate", "0"], "--rate must be in (0, 1)"),
+    (["--net", "vgg"], "--net"),
+    (["--strategies", "rewind,magic"], "unknown strategy 'magic'"),
+    (["--seeds", "x"], "--seeds"),
+    (["--iterations", "0"], "--iterations must be > 0"),
+    (["--layer-rates", "fc9=0.2"], "no prunable layer fc9"),
+    (["--layer-rates", "fc1=2"], "rate for fc1 must be in (0, 1)"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_flag_errors_are_one_line(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nprune: error:") and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_errors_from_a_real_process_have_no_traceback(tmp_path):
+    r = _cli("--net", "lenet300", "--rounds", "-3")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = _cli("--data-dir", str(tmp_path / "nowhere"), "--no-download", "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "nowhere" in r.stderr and "train-images-idx3-ubyte" in r.stderr
+    r = _cli("report", str(tmp_path / "missing"))
+    assert r.returncode == 1 and "no such run folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_and_presets():
+    r = _cli("--help")
+    assert r.returncode == 0 and "--strategies" in r.stdout and "report" in r.stdout
+    r = _cli("presets")
+    assert r.returncode == 0 and all(name in r.stdout for name in PRESETS)
+
+
+def test_presets_resolve_to_the_papers_recipes():
+    lth = resolve(build_parser().parse_args(["--preset", "lth"]))
+    assert len(lth) == 1
+    job = lth[0]
+    rec = job["recipe"]
+    assert (rec.net, rec.optimizer, rec.lr, rec.batch_size, rec.iterations, rec.n_val, rec.eval_every) \
+        == ("lenet300", "adam", 1.2e-3, 60, 50000, 5000, 100)
+    assert rec.rates == (("fc1", 0.2), ("fc2", 0.2), ("fc3", 0.1))
+    assert job["seeds"] == [0, 1, 2, 3, 4] and job["strategies"] == ["rewind", "reinit"]
+    left = (235200 * 0.8 ** job["rounds"] + 30000 * 0.8 ** job["rounds"] + 1000 * 0.9 ** job["rounds"]) / 266200
+    assert 0.015 < left < 0.025                       # down to ~1.9% of the weights
+    default = resolve(build_parser().parse_args([]))
+    assert [j["recipe"].net for j in default] == ["lenet300", "lenet5"]
+    assert {"rewind", "reinit"} <= set(default[0]["strategies"])
+    seed = resolve(build_parser().parse_args(["--preset", "seed"]))
+    assert all(r == 0.09 for _, r in seed[0]["recipe"].rates) and 0.085 < 0.91 ** seed[0]["rounds"] < 0.11
+    over = resolve(build_parser().parse_args(["--preset", "lth", "--net", "lenet5", "--rate", "0.3",
+                                              "--seeds", "0-2", "--iterations", "7"]))[0]
+    assert over["recipe"].net == "lenet5" and over["recipe"].optimizer == "sgd"
+    assert over["recipe"].iterations == 7 and over["seeds"] == [0, 1, 2]
+    assert dict(over["recipe"].rates)["fc1"] == 0.3 and dict(over["recipe"].rates)["conv1"] == 0.15
+
+
+def test_run_end_to_end_in_process(tmp_path, synth, monkeypatch, capsys):
+    monkeypatch.setattr(experiment, "_load_data", lambda recipe, d, dl: synth)
+    monkeypatch.setattr("nprune.datasets.load_dataset", lambda *a, **k: None)
+    args = ["--net", "lenet300", "--iterations", "20", "--eval-every", "10", "--rounds", "2",
+            "--batch-size", "32", "--out", str(tmp_path)]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    run_dirs = list(tmp_path.glob("lenet300-*"))
+    assert len(run_dirs) == 1
+    run = run_dirs[0]
+    for f in ("settings.json", "summary.md", "results.csv", "curves.csv", "accuracy_vs_weights.png",
+              "early_stop_vs_weights.png", "curves.png"):
+        assert (run / f).exists(), f
+    assert str(run / "summary.md") in out
+    assert "seed 0 rewind round 2" in err and "eta" in err
+    # the same command again trains nothing
+    assert main(args) == 0
+    assert "0 training iterations to go" in capsys.readouterr().err
+
+
+def _real_mnist():
+    from conftest import mnist_dir
+    d = mnist_dir()
+    if d is None:
+        pytest.skip("real MNIST not available")
+    return d
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path):
+    data = _real_mnist()
+    args = ["--net", "lenet300", "--strategies", "rewind,reinit", "--rounds", "3", "--iterations",
+            "150", "--eval-every", "50", "--val", "1000", "--data-dir", str(data)]
+    r = _cli(*args, "--out", str(tmp_path / "a"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    # the interrupted run: kill -9 once a few rounds are on disk
+    p = subprocess.Popen([sys.executable, "-m", "nprune.experiment", *args, "--out", str(tmp_path / "b")],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    for line in p.stderr:
+        if "rewind round 2] done" in line or time.time() - t0 > 120:
+            break
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    b = next((tmp_path / "b").glob("lenet300-*"))
+    assert not (b / "seed_0" / "reinit" / "round_3" / "metrics.json").exists()
+    r = _cli(*args, "--out", str(tmp_path / "b"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    a = next((tmp_path / "a").glob("lenet300-*"))
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert files_a == files_b
+    for rel in files_a:
+        if rel.suffix in (".npz", ".json", ".csv") and rel.name != "timing.json":
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
