@@ -63,11 +63,11 @@ def _series(rounds: dict, key: str):
     return np.array(xs), np.array(mean), np.array([lo, hi])
 
 
-def _weights_axis(ax):
+def _weights_axis(ax, lowest: float = 0.5):
     ax.set_xscale("log")
-    ax.invert_xaxis()
+    ax.set_xlim(105, lowest * 0.9)
     ax.set_xlabel("percent of weights remaining")
-    ticks = [100, 51.3, 21.1, 7.0, 3.6, 1.9, 1.0, 0.5]
+    ticks = [t for t in (100, 51.3, 21.1, 7.0, 3.6, 1.9, 1.0, 0.5, 0.2, 0.1) if t >= lowest * 0.9]
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{t:g}" for t in ticks])
     ax.minorticks_off()
@@ -76,12 +76,14 @@ def _weights_axis(ax):
 
 def plot_metric(rows: list, key: str, ylabel: str, title: str, path, scale: float = 1.0) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    lowest = 100.0
     for i, (s, rounds) in enumerate(by_strategy(rows).items()):
         x, y, err = _series(rounds, key)
         if len(x):
             ax.errorbar(x, y * scale, yerr=err * scale, marker="o", ms=4, capsize=3,
                         label=s, color=_color(s, i))
-    _weights_axis(ax)
+            lowest = min(lowest, x.min())
+    _weights_axis(ax, lowest)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     _legend(ax)
@@ -114,7 +116,7 @@ def plot_curves(rows: list, title: str, path, max_rounds: int = 5) -> Path:
     axes[0][0].set_ylabel("test accuracy (%)")
     lows = [min(m["curves"]["test_acc"]) for m in rows if "curves" in m and m["curves"]["test_acc"]]
     if lows:
-        axes[0][0].set_ylim(max(0, min(95, np.percentile(lows, 10) * 100)), 100)
+        axes[0][0].set_ylim(max(0, min(95, min(lows) * 100 - 1)), 100)
     fig.tight_layout()
     path = Path(path)
     _save(fig, path)
