@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import os
 import urllib.error
 import urllib.request
@@ -198,15 +199,17 @@ def test_checksum_enforced(tiny_idx_dir, monkeypatch):
     assert load_dataset("mnist", data_dir=tiny_idx_dir, verify=False)["x_test"][0, 0, 0] == x[0, 0, 0]
 
 
-def test_verify_checks_canonical_counts(tiny_idx_dir):
+def test_verify_checks_canonical_counts(tiny_idx_dir, monkeypatch):
+    spec = ds.DATASETS["fashion-mnist"]
+    monkeypatch.setitem(ds.DATASETS, "fashion-mnist", dataclasses.replace(spec, sha256=None))
     with pytest.raises(DataError, match=r"expected \(60000, 28, 28\)"):
-        load_dataset("fashion-mnist", data_dir=tiny_idx_dir)  # no hashes known: counts are verified
+        load_dataset("fashion-mnist", data_dir=tiny_idx_dir)  # no hashes: counts are verified
 
 
 def test_mnist_files_rejected_as_fashion(tiny_idx_dir, monkeypatch):
     tiny_spec(monkeypatch, tiny_idx_dir, "mnist")
     spec = ds.DATASETS["fashion-mnist"]
-    monkeypatch.setitem(ds.DATASETS, "fashion-mnist", dataclasses.replace(spec, n_train=20, n_test=10))
+    monkeypatch.setitem(ds.DATASETS, "fashion-mnist", dataclasses.replace(spec, n_train=20, n_test=10, sha256=None))
     with pytest.raises(DataError, match="mnist labels file, not fashion-mnist"):
         load_dataset("fashion-mnist", data_dir=tiny_idx_dir)
 
@@ -279,7 +282,8 @@ def test_download_all_mirrors_bad(tiny_idx_dir, tmp_path, monkeypatch):
 
 def test_download_checks_shape_without_hashes(tiny_idx_dir, monkeypatch):
     spec = ds.DATASETS["fashion-mnist"]
-    monkeypatch.setitem(ds.DATASETS, "fashion-mnist", dataclasses.replace(spec, mirrors=(tiny_idx_dir.as_uri() + "/",)))
+    monkeypatch.setitem(ds.DATASETS, "fashion-mnist", dataclasses.replace(
+        spec, sha256=None, mirrors=(tiny_idx_dir.as_uri() + "/",)))
     with pytest.raises(DataError, match=r"expected uint8 \(60000, 28, 28\)"):
         find_data_dir("fashion-mnist")
 
@@ -355,3 +359,13 @@ def test_real_mnist(mnist_dir):
     assert np.bincount(data["y_train"], minlength=10).tolist() == REAL_TRAIN_COUNTS
     assert np.bincount(data["y_test"], minlength=10).tolist() == REAL_TEST_COUNTS
     assert load_dataset("mnist", data_dir=mnist_dir)["x_train"] is data["x_train"]  # cached in memory
+
+
+def test_real_fashion_mnist_from_debian_package():
+    """Debian's dataset-fashion-mnist files are found and verified (skipped when not installed)."""
+    if not all((Path("/usr/share/datasets/fashion-mnist") / (f + ".gz")).exists() for f in ds.FILE_NAMES.values()):
+        pytest.skip("dataset-fashion-mnist is not installed")
+    ds.clear_cache()
+    d = load_dataset("fashion-mnist", data_dir="/usr/share/datasets/fashion-mnist")
+    assert d["x_train"].shape == (60000, 28, 28) and d["y_test"].shape == (10000,)
+    assert np.bincount(d["y_train"]).tolist() == [6000] * 10
