@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runs import atomic_write_bytes
+
 __all__ = [
     "IDXError",
     "read_idx",
@@ -164,22 +166,4 @@ def write_idx(path, array, compress: bool | None = None) -> None:
     data = header + np.ascontiguousarray(arr, dtype=TYPE_CODES[code]).tobytes()
     if gz:
         data = gzip.compress(data, compresslevel=6, mtime=0)
-    _atomic_write(Path(path), data)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, then ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_bytes(path, data)

@@ -18,6 +18,8 @@ if not os.environ.get("MPLBACKEND"):
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .runs import atomic_open  # noqa: E402
+
 COLORS = {"rewind": "tab:blue", "reinit": "tab:orange", "finetune": "tab:green", "dense": "black"}
 
 
@@ -131,12 +133,10 @@ def _legend(ax, **kw) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    """Save via a temporary file and os.replace (atomic, like every result file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    """Save as PNG atomically, like every result file."""
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def all_plots(rows: list, out_dir, title: str) -> list:

@@ -19,6 +19,7 @@ more rounds extends the same folder.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,25 +30,31 @@ from pathlib import Path
 import numpy as np
 
 
-def _tmp_path(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (fsynced)."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """Open a temporary file beside ``path`` for binary writing; on a clean exit it is flushed,
+    fsynced and moved onto ``path`` with ``os.replace``; on any error it is removed. A reader (or
+    a process killed half-way) therefore sees either the old file or the complete new one."""
     path = Path(path)
-    fd, tmp = _tmp_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -60,20 +67,9 @@ def atomic_write_json(path, obj) -> None:
 
 
 def atomic_save_npz(path, arrays: dict, compress: bool = True) -> None:
-    """Save a dict of arrays as ``.npz`` (never pickles) via a temporary file."""
-    path = Path(path)
-    fd, tmp = _tmp_path(path)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Save a dict of arrays as ``.npz`` (never pickles) atomically."""
+    with atomic_open(path) as f:
+        (np.savez_compressed if compress else np.savez)(f, **arrays)
 
 
 def load_npz(path) -> dict:
