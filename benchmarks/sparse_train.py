@@ -1,0 +1,155 @@
+"""Training-level benchmark: seconds per epoch and inference throughput, dense vs auto kernels, at
+the IMP levels of a real (shortened) lottery-ticket run on MNIST.
+
+Masks: magnitude pruning (nprune.prune.magnitude_layerwise) of TRAINED weights at Frankle & Carbin's
+rates (fc 20%, output layer 10%, conv 10% per round), with a short retraining between rounds
+(--iters-per-round). At each timed level the same weights/masks are trained for --steps steps with
+dense and with auto kernels (same data order, blocks interleaved), giving s/epoch (steps x 55000/60),
+the test accuracy after the steps for both, and inference throughput at batch 10,000.
+
+Usage: python benchmarks/sparse_train.py [--quick] [--data-dir /work/shared/data/mnist]
+Writes benchmarks/results/sparse_train.json and sparse_train.png.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from _common import RESULTS, env_info, env_line, md_table, save_json
+
+from nprune import nets
+from nprune.datasets import load_dataset, prepare
+from nprune.optim import Adam
+from nprune.prune import magnitude_layerwise
+from nprune.train import batches
+
+RATES = {"lenet300": {"fc1.W": 0.2, "fc2.W": 0.2, "fc3.W": 0.1},
+         "lenet5": {"conv1.W": 0.1, "conv2.W": 0.1, "fc1.W": 0.2, "fc2.W": 0.1}}
+
+
+def train_steps(model, opt, data, idx_list):
+    x, y = data.x_train, data.y_train
+    for idx in idx_list:
+        model.loss_and_grads(x[idx], y[idx])
+        opt.step()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--data-dir", default="/work/shared/data/mnist")
+    ap.add_argument("--nets", default="lenet300,lenet5")
+    a = ap.parse_args()
+    data = prepare(load_dataset("mnist", data_dir=a.data_dir, download=False))
+    n_train = len(data.x_train)
+    per_epoch = n_train // 60
+    steps = 200 if a.quick else 600
+    blocks = 4 if a.quick else 6
+    iters_round = 150 if a.quick else 500
+    print(f"# Training-level benchmark (IMP masks from magnitude pruning of trained weights)\n\n{env_line()}\n"
+          f"s/epoch = time per step (median of {blocks} interleaved blocks of {steps // blocks} steps, "
+          f"dense and auto alternating) x {per_epoch} steps; accuracy: test accuracy after {steps} steps "
+          f"from the same weights with the same data order\n")
+    out = {"env": env_info(), "levels": []}
+    for net in a.nets.split(","):
+        model = nets.build(net, np.random.default_rng(0))
+        rates = RATES[net]
+        opt = Adam(model, 1.2e-3)
+        rng = np.random.default_rng(0)
+        train_steps(model, opt, data, list(batches(n_train, 60, 2 * iters_round, rng)))
+        masks = model.bool_masks()
+        target_rounds = [0, 3, 7, 11, 15, 18] if net == "lenet300" else [0, 3, 7, 11, 15, 18]
+        if a.quick:
+            target_rounds = [0, 7, 18]
+        rows = []
+        for rnd in range(max(target_rounds) + 1):
+            if rnd:
+                masks = magnitude_layerwise(model.get_weights(), masks, rates)
+                model.set_masks(masks)
+                opt.reset()
+                train_steps(model, opt, data, list(batches(n_train, 60, iters_round, rng)))
+            if rnd not in target_rounds:
+                continue
+            left = sum(m.sum() for m in masks.values()) / sum(m.size for m in masks.values())
+            w0 = model.get_weights()
+            idx_all = list(batches(n_train, 60, steps, np.random.default_rng(rnd)))
+            per_block = steps // blocks
+            times = {"dense": [], "auto": []}
+            accs = {}
+            states = {}
+            for choice in ("dense", "auto"):
+                states[choice] = (w0, None)
+            # interleaved blocks: each kernel trains its own copy of the weights with its own Adam
+            models = {}
+            for choice in ("dense", "auto"):
+                m = nets.build(net, np.random.default_rng(0))
+                m.set_masks(masks)
+                m.set_weights(w0)
+                m.set_kernel(choice)
+                models[choice] = (m, Adam(m, 1.2e-3))
+            for b in range(blocks):
+                for choice in ("dense", "auto") if b % 2 == 0 else ("auto", "dense"):
+                    m, o = models[choice]
+                    t0 = time.perf_counter()
+                    train_steps(m, o, data, idx_all[b * per_block:(b + 1) * per_block])
+                    times[choice].append((time.perf_counter() - t0) / per_block)
+            for choice in ("dense", "auto"):
+                accs[choice] = models[choice][0].evaluate(data.x_test, data.y_test)[1]
+            # inference at batch 10,000
+            xt = data.x_test[:10000]
+            inf = {"dense": [], "auto": []}
+            for choice in ("dense", "auto"):
+                models[choice][0].forward(xt, train=False)   # warm-up (auto verification)
+                for _ in range(3):
+                    models[choice][0].forward(xt, train=False)
+            for r in range(5):
+                for choice in ("dense", "auto"):
+                    t0 = time.perf_counter()
+                    models[choice][0].forward(xt, train=False)
+                    inf[choice].append(time.perf_counter() - t0)
+            td, ta = np.median(times["dense"]) * per_epoch, np.median(times["auto"]) * per_epoch
+            idn, ia = np.median(inf["dense"]), np.median(inf["auto"])
+            from nprune.sparse import kernel_report
+            rep = kernel_report(models["auto"][0])
+            chosen = ", ".join(f"{r['layer']}:{'/'.join(r['modes'][k] for k in ('fwd', 'dx', 'dw')) if r.get('use_kernel') else 'dense'}"
+                               for r in rep)
+            rows.append([rnd, f"{100 * left:.1f}%", f"{td:.2f}", f"{ta:.2f}", f"{td / ta:.2f}x",
+                         f"{accs['dense']:.4f}", f"{accs['auto']:.4f}", f"{10000 / idn:.0f}", f"{10000 / ia:.0f}",
+                         f"{idn / ia:.2f}x", chosen])
+            out["levels"].append({"net": net, "round": rnd, "weights_left": float(left),
+                                  "epoch_s_dense": float(td), "epoch_s_auto": float(ta),
+                                  "acc_dense": accs["dense"], "acc_auto": accs["auto"],
+                                  "infer_s_dense": float(idn), "infer_s_auto": float(ia),
+                                  "step_times": times, "infer_times": inf, "auto_layers": rep,
+                                  "density_per_layer": {k: float(v.mean()) for k, v in masks.items()}})
+            print(f"  {net} round {rnd}: {100 * left:.1f}% left, epoch {td:.2f}s dense vs {ta:.2f}s auto", flush=True)
+        print(f"\n## {net}\n")
+        print(md_table(["round", "weights left", "s/epoch dense", "s/epoch auto", "epoch speedup", "acc dense",
+                        "acc auto", "infer img/s dense", "infer img/s auto", "infer speedup", "auto per layer"], rows))
+        print()
+    p = save_json("sparse_train.json", out)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for net in a.nets.split(","):
+        lv = [l for l in out["levels"] if l["net"] == net]
+        x = [100 * l["weights_left"] for l in lv]
+        ax[0].plot(x, [l["epoch_s_dense"] / l["epoch_s_auto"] for l in lv], "o-", label=net)
+        ax[1].plot(x, [l["infer_s_dense"] / l["infer_s_auto"] for l in lv], "o-", label=net)
+    for axi, t in zip(ax, ("training epoch speedup (auto vs dense)", "inference speedup, batch 10000")):
+        axi.set_xscale("log")
+        axi.invert_xaxis()
+        axi.axhline(1, color="k", lw=0.8)
+        axi.set_xlabel("weights left %")
+        axi.set_title(t)
+        axi.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "sparse_train.png", dpi=90)
+    print(f"wrote {p} and {RESULTS / 'sparse_train.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""nprune.sparse: sparse/compacted kernels give the dense masked path's results (no timing here)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nprune import nets
+from nprune.layers import Conv2D, Dense
+from nprune.optim import Adam
+from nprune.sparse import (ConvKernelSparse, DenseKernelSparse, SparseMatrix, apply_kernel,
+                           kernel_report)
+
+MODES = [
+    None,  # cost-model choice
+    {"fwd": "sparse", "dx": "sparse", "dw": "sparse"},
+    {"fwd": "sparse", "dx": "csc", "dw": "sparse"},
+    {"fwd": "compact", "dx": "compact", "dw": "compact"},
+]
+DENSITIES = [1.0, 0.5, 0.2, 0.05, 0.01, 0.0]
+
+
+def _close(a, b, scale=None):
+    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0) if scale is None else scale
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale)
+
+
+def _random_mask(rng, shape, d, dead_axis0=(), dead_axis1=()):
+    m = rng.random(shape) < d
+    m[list(dead_axis0)] = False
+    if dead_axis1:
+        m[:, list(dead_axis1)] = False
+    return m
+
+
+def _run(layer, x, dout, kernel):
+    layer.kernel = kernel
+    y = layer.forward(x, train=True)
+    dx = layer.backward(dout)
+    return (np.array(y), None if dx is None else np.array(dx),
+            layer.grads["W"].copy(), layer.grads["b"].copy())
+
+
+def _compare(layer, x, dout, cls, modes):
+    ref = _run(layer, x, dout, None)
+    got = _run(layer, x, dout, cls(layer, "sparse", modes))
+    for r, g in zip(ref, got):
+        if r is None:
+            assert g is None
+            continue
+        assert g.dtype == np.float32 and g.shape == r.shape
+        _close(g, r)
+    # the pruned entries of the gradient are exactly zero
+    m = layer.masks["W"]
+    if m is not None:
+        assert np.all(got[2][m == 0] == 0)
+    # eval mode forward
+    layer.kernel = None
+    y0 = layer.forward(x, train=False)
+    layer.kernel = cls(layer, "sparse", modes)
+    _close(layer.forward(x, train=False), y0)
+
+
+@pytest.mark.parametrize("modes", MODES)
+@pytest.mark.parametrize("d", DENSITIES)
+@pytest.mark.parametrize("need_dx", [True, False])
+def test_dense_matches_masked_dense(modes, d, need_dx):
+    rng = np.random.default_rng(int(d * 1000) + 7)
+    layer = Dense(64, 40, rng)
+    layer.need_dx = need_dx
+    layer.params["b"][:] = rng.standard_normal(40)
+    layer.set_mask("W", _random_mask(rng, (64, 40), d, dead_axis0=range(0, 10),
+                                     dead_axis1=range(30, 35)))
+    x = rng.standard_normal((23, 64)).astype(np.float32)
+    dout = rng.standard_normal((23, 40)).astype(np.float32)
+    dcopy = dout.copy()
+    _compare(layer, x, dout, DenseKernelSparse, modes)
+    np.testing.assert_array_equal(dout, dcopy)  # dout never mutated
+
+
+@pytest.mark.parametrize("modes", MODES[:2])
+def test_dense_large_batch_chunked_and_forder_input(modes):
+    rng = np.random.default_rng(3)
+    layer = Dense(30, 20, rng)
+    layer.set_mask("W", _random_mask(rng, (30, 20), 0.1, dead_axis0=[0, 1]))
+    x = rng.standard_normal((2500, 30)).astype(np.float32)  # > CHUNK
+    dout = rng.standard_normal((2500, 20)).astype(np.float32)
+    _compare(layer, x, dout, DenseKernelSparse, modes)
+    _compare(layer, np.asfortranarray(x), np.asfortranarray(dout), DenseKernelSparse, modes)
+
+
+def test_dense_unpruned_and_all_pruned():
+    rng = np.random.default_rng(4)
+    layer = Dense(20, 10, rng)
+    x = rng.standard_normal((5, 20)).astype(np.float32)
+    dout = rng.standard_normal((5, 10)).astype(np.float32)
+    _compare(layer, x, dout, DenseKernelSparse, None)           # mask None
+    layer.set_mask("W", np.zeros((20, 10), bool))
+    layer.params["b"][:] = 1.5
+    layer.kernel = DenseKernelSparse(layer, "sparse")
+    y = layer.forward(x)
+    np.testing.assert_array_equal(y, np.full((5, 10), 1.5, np.float32))
+    dx = layer.backward(dout)
+    assert np.all(dx == 0) and np.all(layer.grads["W"] == 0)
+
+
+@pytest.mark.parametrize("modes", MODES)
+@pytest.mark.parametrize("d", [1.0, 0.3, 0.05, 0.0])
+def test_conv_matches_masked_dense(modes, d):
+    rng = np.random.default_rng(int(d * 100) + 11)
+    layer = Conv2D(3, 8, 3, rng, padding=1)
+    layer.params["b"][:] = rng.standard_normal(8)
+    m = rng.random(layer.params["W"].shape) < d
+    m[[1, 5]] = False          # dead filters
+    m[:, 2] = False            # dead input channel
+    layer.set_mask("W", m)
+    x = rng.standard_normal((4, 3, 9, 9)).astype(np.float32)
+    dout = rng.standard_normal((4, 8, 9, 9)).astype(np.float32)
+    _compare(layer, x, dout, ConvKernelSparse, modes)
+    layer.need_dx = False
+    _compare(layer, x, dout, ConvKernelSparse, modes)
+
+
+def test_mask_change_after_attach_rebuilds():
+    rng = np.random.default_rng(5)
+    layer = Dense(50, 30, rng)
+    layer.kernel = DenseKernelSparse(layer, "sparse", {"fwd": "sparse", "dx": "sparse", "dw": "sparse"})
+    x = rng.standard_normal((7, 50)).astype(np.float32)
+    dout = rng.standard_normal((7, 30)).astype(np.float32)
+    for d in (0.5, 0.1, 0.02):
+        mask = rng.random((50, 30)) < d
+        mask[:5] = False
+        layer.set_mask("W", mask)                     # kernel.mask_changed via the layer
+        y, dx, gw, gb = _run(layer, x, dout, layer.kernel)
+        w = layer.params["W"]
+        _close(y, x @ w + layer.params["b"])
+        _close(dx, dout @ w.T)
+        _close(gw, (x.T @ dout) * mask)
+    layer.set_mask("W", None)
+    y, dx, gw, gb = _run(layer, x, dout, layer.kernel)
+    _close(gw, x.T @ dout)
+
+
+def test_values_refresh_after_adam_step_and_mask_invariant():
+    rng = np.random.default_rng(6)
+    model = nets.build("lenet300", np.random.default_rng(0))
+    masks = {n: rng.random(p.shape) < 0.1 for n, p in model.params().items() if n.endswith(".W")}
+    model.set_masks(masks)
+    model.set_kernel("sparse")
+    opt = Adam(model, 1e-2)
+    x = rng.random((16, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 16)
+    for _ in range(3):
+        model.loss_and_grads(x, y)
+        opt.step()
+    for n, m in masks.items():
+        assert np.all(model.params()[n][~m] == 0)
+    # the kernels see the updated weights (values refreshed, structure kept)
+    logits_sparse = np.array(model.forward(x, train=False))
+    model.set_kernel("dense")
+    _close(logits_sparse, model.forward(x, train=False))
+
+
+@pytest.mark.parametrize("net", ["lenet300", "lenet5"])
+@pytest.mark.parametrize("d", [1.0, 0.2, 0.05, 0.01])
+@pytest.mark.parametrize("choice", ["sparse", "auto"])
+def test_whole_net_same_logits_and_grads(net, d, choice):
+    rng = np.random.default_rng(8)
+    model = nets.build(net, np.random.default_rng(0))
+    masks = {}
+    for n, p in model.params().items():
+        if n.endswith(".W"):
+            m = rng.random(p.shape) < d
+            if p.ndim == 2:
+                m[: p.shape[0] // 5] = False          # dead inputs, as MNIST's border pixels
+            masks[n] = m
+    model.set_masks(masks)
+    x = rng.random((12, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 12)
+    model.set_kernel("dense")
+    l0, z0 = model.loss_and_grads(x, y)
+    g0 = {k: v.copy() for k, v in model.grads().items()}
+    model.set_kernel(choice)
+    l1, z1 = model.loss_and_grads(x, y)
+    _close(np.asarray(z1), np.asarray(z0))
+    assert abs(l1 - l0) < 1e-4 * max(1, abs(l0))
+    for k, v in model.grads().items():
+        _close(v, g0[k])
+    assert isinstance(kernel_report(model), list)
+
+
+def test_apply_kernel_choices():
+    model = nets.build("lenet5", np.random.default_rng(0))
+    apply_kernel(model, "sparse")
+    assert isinstance(model.layers[0].kernel, ConvKernelSparse)
+    assert isinstance(model.layers[-1].kernel, DenseKernelSparse)
+    apply_kernel(model, "dense")
+    assert all(getattr(l, "kernel", None) is None for l in model.layers)
+    with pytest.raises(ValueError):
+        apply_kernel(model, "fast")
+
+
+def test_auto_prefers_dense_when_dense_and_kernel_when_very_sparse():
+    # cost-model property (no timing): unpruned -> dense path; 1% with dead rows -> the kernel
+    rng = np.random.default_rng(9)
+    layer = Dense(784, 300, rng)
+    layer.kernel = DenseKernelSparse(layer, "auto")
+    x = rng.random((60, 784)).astype(np.float32)
+    layer.forward(x)
+    assert layer.kernel.last_plan["use_kernel"] is False
+    layer.set_mask("W", rng.random((784, 300)) < 0.01)
+    layer.forward(x)
+    assert layer.kernel.last_plan["use_kernel"] is True
+    plan = layer.kernel.last_plan
+    assert plan["predicted_kernel_s"] <= 0.8 * plan["predicted_dense_s"]
+
+
+def test_sparse_matrix_structure():
+    flat = np.arange(12).reshape(3, 4)
+    sm = SparseMatrix(flat)
+    m = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1]], bool)
+    sm.rebuild(m)
+    assert list(sm.live_r) == [0, 2] and list(sm.live_c) == [0, 2, 3]
+    assert sm.nnz == 4 and sorted(sm.gidx) == [0, 3, 10, 11]
+    W = np.arange(12, dtype=np.float32) * m.ravel()
+    sm.refresh(W, ("csr", "csr_t", "blk"))
+    np.testing.assert_array_equal(np.sort(sm.data), [0, 3, 10, 11])
+    np.testing.assert_array_equal(sm.blk, W.reshape(3, 4)[np.ix_([0, 2], [0, 2, 3])])
+
+
+def _synthetic(rng, n=1200):
+    protos = rng.random((10, 784)).astype(np.float32)
+    y = rng.integers(0, 10, n)
+    x = protos[y] + 0.3 * rng.standard_normal((n, 784)).astype(np.float32)
+    return x.reshape(n, 1, 28, 28).astype(np.float32), y
+
+
+def _train_acc(choice, masks, x, y, xt, yt, steps=150):
+    model = nets.build("lenet300", np.random.default_rng(0))
+    model.set_masks(masks)
+    model.set_kernel(choice)
+    opt = Adam(model, 1.2e-3)
+    rng = np.random.default_rng(1)
+    for _ in range(steps):
+        idx = rng.integers(0, len(x), 60)
+        model.loss_and_grads(x[idx], y[idx])
+        opt.step()
+    for n, m in masks.items():
+        assert np.all(model.params()[n][~m] == 0)
+    return model.evaluate(xt, yt)[1]
+
+
+def test_short_training_same_accuracy_sparse_vs_dense():
+    rng = np.random.default_rng(10)
+    x, y = _synthetic(rng)
+    xt, yt = _synthetic(np.random.default_rng(10), 600)  # same prototypes, fresh noise draw
+    model = nets.build("lenet300", np.random.default_rng(0))
+    mrng = np.random.default_rng(2)
+    masks = {n: mrng.random(p.shape) < 0.05 for n, p in model.params().items() if n.endswith(".W")}
+    acc = {c: _train_acc(c, masks, x, y, xt, yt) for c in ("dense", "sparse", "auto")}
+    assert acc["dense"] > 0.5
+    assert abs(acc["sparse"] - acc["dense"]) <= 0.02
+    assert abs(acc["auto"] - acc["dense"]) <= 0.02
