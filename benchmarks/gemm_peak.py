@@ -54,7 +54,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
+    if args.threads:  # BLAS is already loaded: limit its pool at run time if threadpoolctl exists
         try:
             from threadpoolctl import threadpool_limits
             threadpool_limits(args.threads)
@@ -68,8 +68,4 @@ def main():
 
 
 if __name__ == "__main__":
-    if "--threads" in os.sys.argv:
-        i = os.sys.argv.index("--threads")
-        for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(v, os.sys.argv[i + 1])
     main()

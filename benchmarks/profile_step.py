@@ -88,6 +88,8 @@ def profile(net, x, y, steps, warmup):
         if keep:
             rec("loss (softmax CE)", pc() - t)
         for name, layer in zip(reversed(model.names), reversed(model.layers)):
+            if d is None:  # the first layer with parameters returns no dx: backward ends there
+                break
             t = pc()
             d = layer.backward(d)
             if keep:

@@ -17,8 +17,8 @@ reported separately.
 Reported per net and framework: median seconds per epoch over ``--epochs`` epochs (after a short
 warm-up), ratio nprune/torch, achieved GEMM GFLOP/s and its fraction of the fp32 GEMM peak (2048^3,
 measured by ``gemm_peak.peak_gflops`` in the same run), and the peak RSS of a separate child process
-that loads the data, trains the net for one epoch and evaluates (``resource.getrusage`` ``ru_maxrss`` of
-that child, i.e. the training process's own peak).
+that loads the data, trains the net for one epoch and evaluates (the peak resident memory of
+that child, i.e. the training process's own peak; read as ``VmHWM``, see :func:`peak_rss_mb`).
 
 FLOP count per step (GEMM FLOPs only, forward + backward): for every Dense ``(in -> out)`` with batch N
 it is ``2*N*in*out`` for the forward, the same for dW and the same for dx except for the first layer;
@@ -94,8 +94,8 @@ def time_nprune(net, data, epochs, seed=0):
 
     def run(idxs):
         for idx in idxs:
-            np.take(x, idx, axis=0, out=xb)
-            np.take(y, idx, axis=0, out=yb)
+            np.take(x, idx, axis=0, out=xb, mode="clip")  # as nprune.train.train
+            np.take(y, idx, axis=0, out=yb, mode="clip")
             model.loss_and_grads(xb, yb)
             opt.step()
 
@@ -183,6 +183,22 @@ def time_torch(net, data, epochs, init, seed=0):
     return dict(epoch_s=times, eval_s=t_eval)
 
 
+def peak_rss_mb():
+    """This process's peak resident set in MB: ``VmHWM`` from /proc/self/status (Linux), else
+    ``ru_maxrss``. (``ru_maxrss`` of a freshly exec'd child also counts the *parent's* RSS at fork
+    time -- Linux keeps the larger of the old and new address space's high-water mark across
+    execve -- so it would charge the benchmark's own memory, torch included, to the child.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child_rss(net, threads):
     """Peak RSS (MB) of a fresh process that loads MNIST, trains ``net`` one epoch and evaluates."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", net, "--epochs", "1"]
@@ -204,11 +220,10 @@ def main():
     args = ap.parse_args()
     _set_threads(args.threads)
 
-    if args.child:  # peak-memory child: train one epoch, evaluate, print ru_maxrss in MB
-        import resource
+    if args.child:  # peak-memory child: train one epoch, evaluate, print the peak RSS in MB
         data = load_data()
         time_nprune(args.child, data, 1)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(peak_rss_mb())
         return
 
     import numpy as np

@@ -14,6 +14,9 @@ Column layout (chosen because it was the fastest on the LeNet-5 shapes, see ``Co
 Both :func:`im2col` and :func:`col2im` loop over the ``kh * kw`` filter offsets only; each step copies
 (or adds) one strided slice of the image of shape ``(C, N, OH, OW)``, which is contiguous in the
 column buffer. col2im is the adjoint (transpose) of im2col: ``<im2col(x), c> == <x, col2im(c)>``.
+
+Conv2D itself uses the batch-last variants :func:`im2col_hwn` / :func:`col2im_hwn` (images stored
+(C, H, W, N), columns (C*kh*kw, OH*OW*N)); see their docstrings for why.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ __all__ = [
     "conv_output_size",
     "im2col",
     "col2im",
+    "col2im_cnhw",
+    "im2col_hwn",
+    "col2im_hwn",
     "im2col_naive",
     "col2im_naive",
 ]
@@ -102,6 +108,19 @@ def col2im(cols: np.ndarray, x_shape: tuple, kh: int, kw: int, stride: int = 1,
     filter offsets adding strided slices (no ``np.add.at``).
     """
     n, c, h, w = x_shape
+    dxc = col2im_cnhw(cols, x_shape, kh, kw, stride, pad)
+    dx = np.empty((n, c, h, w), dtype=cols.dtype)
+    dx[...] = dxc.transpose(1, 0, 2, 3)
+    return dx
+
+
+def col2im_cnhw(cols: np.ndarray, x_shape: tuple, kh: int, kw: int, stride: int = 1,
+                pad: int = 0) -> np.ndarray:
+    """:func:`col2im` without the final transpose: returns dx as a contiguous (C, N, H, W) array.
+
+    ``col2im_cnhw(...).transpose(1, 0, 2, 3)`` equals ``col2im(...)`` exactly. Inputs as :func:`col2im`.
+    """
+    n, c, h, w = x_shape
     oh = conv_output_size(h, kh, stride, pad)
     ow = conv_output_size(w, kw, stride, pad)
     if cols.shape != (c * kh * kw, n * oh * ow):
@@ -113,9 +132,73 @@ def col2im(cols: np.ndarray, x_shape: tuple, kh: int, kw: int, stride: int = 1,
     for i in range(kh):
         for j in range(kw):
             dxp[:, :, i:i + hs:stride, j:j + ws:stride] += cols6[:, i, j]
-    dx = np.empty((n, c, h, w), dtype=cols.dtype)
-    dx[...] = dxp[:, :, pad:pad + h, pad:pad + w].transpose(1, 0, 2, 3)
-    return dx
+    if pad == 0:
+        return dxp
+    return np.ascontiguousarray(dxp[:, :, pad:pad + h, pad:pad + w])
+
+
+# ----------------------------------------------------------------------------------------------
+# "Batch-last" layout used by Conv2D: images stored as (C, H, W, N), columns as (C*kh*kw, OH*OW*N).
+# ----------------------------------------------------------------------------------------------
+
+def im2col_hwn(xt: np.ndarray, kh: int, kw: int, stride: int = 1, pad: int = 0,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """im2col for images stored batch-last.
+
+    Inputs:
+    - xt: (C, H, W, N) images (e.g. ``x.transpose(1, 2, 3, 0)`` of an NCHW batch; contiguous is fastest).
+    - kh, kw, stride, pad: as :func:`im2col`.
+    - out: optional (C*kh*kw, OH*OW*N) buffer of xt's dtype.
+
+    Returns cols (C*kh*kw, OH*OW*N) with row index ``(c*kh + i)*kw + j`` (as :func:`im2col`, so
+    ``W.reshape(F, -1) @ cols`` is the convolution) and column index ``q = (oh*OW + ow)*N + n``:
+    ``cols[r, q] = x_padded[n, c, oh*stride + i, ow*stride + j]``.
+
+    Why batch-last: for a filter offset (i, j) the source ``xt[:, i:i+OH, j:j+OW, :]`` has rows of
+    ``OW*N`` contiguous values (stride 1), so each of the ``kh*kw`` copies runs long inner loops
+    (the batch-first layout has inner loops of only OW values: 8 for conv2 of LeNet-5).
+    """
+    c, h, w, n = xt.shape
+    oh = conv_output_size(h, kh, stride, pad)
+    ow = conv_output_size(w, kw, stride, pad)
+    shape = (c * kh * kw, oh * ow * n)
+    if out is None:
+        out = np.empty(shape, dtype=xt.dtype)
+    elif out.shape != shape or out.dtype != xt.dtype:
+        raise ValueError(f"out buffer has shape {out.shape}/{out.dtype}, expected {shape}/{xt.dtype}")
+    if pad:
+        xp = np.zeros((c, h + 2 * pad, w + 2 * pad, n), dtype=xt.dtype)
+        xp[:, pad:pad + h, pad:pad + w] = xt
+    else:
+        xp = xt
+    cols6 = out.reshape(c, kh, kw, oh, ow, n)
+    hs, ws = stride * (oh - 1) + 1, stride * (ow - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            cols6[:, i, j] = xp[:, i:i + hs:stride, j:j + ws:stride]
+    return out
+
+
+def col2im_hwn(cols: np.ndarray, xt_shape: tuple, kh: int, kw: int, stride: int = 1,
+               pad: int = 0) -> np.ndarray:
+    """Adjoint of :func:`im2col_hwn`: fold (C*kh*kw, OH*OW*N) columns into dx of shape
+    ``xt_shape = (C, H, W, N)`` (contiguous, cols' dtype), summing overlaps filter offset by filter
+    offset in row-major (i, j) order. Each addition's inner loop is a contiguous run of OW*N values.
+    """
+    c, h, w, n = xt_shape
+    oh = conv_output_size(h, kh, stride, pad)
+    ow = conv_output_size(w, kw, stride, pad)
+    if cols.shape != (c * kh * kw, oh * ow * n):
+        raise ValueError(f"cols has shape {cols.shape}, expected {(c * kh * kw, oh * ow * n)}")
+    cols6 = cols.reshape(c, kh, kw, oh, ow, n)
+    dxp = np.zeros((c, h + 2 * pad, w + 2 * pad, n), dtype=cols.dtype)
+    hs, ws = stride * (oh - 1) + 1, stride * (ow - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, i:i + hs:stride, j:j + ws:stride] += cols6[:, i, j]
+    if pad == 0:
+        return dxp
+    return np.ascontiguousarray(dxp[:, pad:pad + h, pad:pad + w])
 
 
 # ----------------------------------------------------------------------------------------------

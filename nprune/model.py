@@ -31,8 +31,11 @@ class Sequential:
             layer.name = name
             self.layers.append(layer)
             self.names.append(name)
+        # Nothing upstream of the first layer that has parameters wants dL/dx: that layer skips its dx
+        # GEMM and backward stops there (a leading Flatten needs no gradient either).
+        self._first_param = next((i for i, l in enumerate(self.layers) if l.params), 0)
         if self.layers:
-            self.layers[0].need_dx = False
+            self.layers[self._first_param].need_dx = False
         self._cache_views()
 
     # ----- names -------------------------------------------------------------------------------
@@ -113,7 +116,7 @@ class Sequential:
     def backward(self, dlogits: np.ndarray) -> None:
         """Back-propagate ``dL/dlogits`` (N, classes); fills every layer's ``grads``."""
         d = dlogits
-        for layer in reversed(self.layers):
+        for layer in reversed(self.layers[self._first_param:]):
             d = layer.backward(d)
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -123,19 +126,35 @@ class Sequential:
         self.backward(dlogits)
         return loss, logits
 
+    # Inference batches are capped at this many images when the net has convolutions: the im2col
+    # columns of LeNet-5 take (25*576 + 500*64)*4 bytes = 186 kB per image, so 5000 images would
+    # need ~0.9 GB (and run slower, out of cache). The same images are evaluated whatever the batch
+    # size (only last-bit rounding of the GEMMs and of the loss sum can differ).
+    conv_eval_batch = 256
+
+    def _eval_batch(self, batch_size: int) -> int:
+        if any(type(l).__name__ == "Conv2D" for l in self.layers):
+            return max(1, min(int(batch_size), self.conv_eval_batch))
+        return max(1, int(batch_size))
+
     def predict(self, x: np.ndarray, batch_size: int = 2000) -> np.ndarray:
         """Logits for ``x`` computed in batches, without caching anything for backward."""
-        outs = [self.forward(x[i:i + batch_size], train=False) for i in range(0, len(x), batch_size)]
+        bs = self._eval_batch(batch_size)
+        outs = [self.forward(x[i:i + bs], train=False) for i in range(0, len(x), bs)]
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 2000) -> tuple[float, float]:
-        """(mean cross-entropy loss, accuracy) on a data set."""
+        """(mean cross-entropy loss, accuracy) on a data set.
+
+        The loss is ``sum_batches(mean_loss_b * n_b) / n`` accumulated in float64 (the batch size
+        only changes the rounding of that sum, not which images are evaluated)."""
         if len(x) == 0:
             return float("nan"), float("nan")
+        bs = self._eval_batch(batch_size)
         total, correct = 0.0, 0
-        for i in range(0, len(x), batch_size):
-            logits = self.forward(x[i:i + batch_size], train=False)
-            yb = y[i:i + batch_size]
+        for i in range(0, len(x), bs):
+            logits = self.forward(x[i:i + bs], train=False)
+            yb = y[i:i + bs]
             loss, _ = softmax_cross_entropy(logits, yb)
             total += loss * len(yb)
             correct += int((logits.argmax(1) == yb).sum())

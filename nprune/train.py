@@ -112,8 +112,10 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
     best = math.inf
     it = 0
     for idx in batches(len(x), cfg.batch_size, cfg.iterations, rng):
-        np.take(x, idx, axis=0, out=xb)
-        np.take(y, idx, axis=0, out=yb)
+        # mode="clip" (idx is a permutation slice, always in range): with the default "raise" NumPy
+        # gathers into a temporary and copies it into ``out``.
+        np.take(x, idx, axis=0, out=xb, mode="clip")
+        np.take(y, idx, axis=0, out=yb, mode="clip")
         loss, _ = model.loss_and_grads(xb, yb)
         if not math.isfinite(loss):
             raise DivergenceError(it + 1, loss)
