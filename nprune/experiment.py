@@ -408,6 +408,7 @@ def cmd_train(argv) -> int:
     p.add_argument("--optimizer", choices=["adam", "sgd"])
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--init", default="glorot_normal", choices=["glorot_normal", "glorot_uniform", "he_normal"])
     p.add_argument("--val", type=int, default=5000)
@@ -420,7 +421,7 @@ def cmd_train(argv) -> int:
     if a.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {a.epochs}")
     base = dict(LENET300_ADAM if a.net == "lenet300" else LENET5_SGD)
-    for k in ("optimizer", "lr", "momentum", "batch_size"):
+    for k in ("optimizer", "lr", "momentum", "weight_decay", "batch_size"):
         if getattr(a, k) is not None:
             base[k] = getattr(a, k)
     if base["batch_size"] <= 0 or not base["lr"] > 0:
