@@ -8,7 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# --blas-threads N (any benchmark): must be applied before NumPy loads OpenBLAS.
+if "--blas-threads" in sys.argv:
+    _n = sys.argv[sys.argv.index("--blas-threads") + 1]
+    for _k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_k] = _n
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -28,7 +34,14 @@ def blas_info() -> dict:
     except Exception:  # pragma: no cover
         pass
     env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-    return {"blas": "unknown (see numpy.show_config())", "blas_threads": env}
+    n = env["OPENBLAS_NUM_THREADS"] or env["OMP_NUM_THREADS"]
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        name = f"{blas.get('name')} {blas.get('version')}"
+    except Exception:  # pragma: no cover
+        name = "unknown"
+    return {"blas": name, "blas_threads": int(n) if n else f"default (= {os.cpu_count()} cores)",
+            "blas_env": env}
 
 
 def env_info() -> dict:
@@ -52,13 +65,18 @@ def _number_for(fn, target=0.01):
 
 
 def time_side_by_side(fns: dict, repeats: int = 7, target: float = 0.01) -> dict:
-    """Time several callables interleaved (round robin, one batch of calls each per repeat) so that
-    machine noise hits all of them alike. Returns {name: {"median": s, "q25": s, "q75": s, "all": [...]}}
+    """Time several callables interleaved (one batch of calls each per repeat, in a random order per
+    repeat) so that machine noise and cache warmth hit all of them alike. Returns {name: {"median": s, "q25": s, "q75": s, "all": [...]}}
     in seconds per call."""
     numbers = {k: _number_for(f, target) for k, f in fns.items()}
     samples = {k: [] for k in fns}
+    names = list(fns)
+    order_rng = np.random.default_rng(12345)
     for _ in range(repeats):
-        for k, f in fns.items():
+        # a fresh random order each repeat: no variant always runs right after the same other one
+        # (whoever follows a variant with the same working set finds warm caches)
+        for k in order_rng.permutation(names):
+            f = fns[k]
             n = numbers[k]
             t0 = time.perf_counter()
             for _ in range(n):

@@ -6,28 +6,33 @@ times, side by side (interleaved round robin, median of repeats):
 * ``infer``: forward with train=False;
 * ``step``: forward(train=True) + backward (dW, db, and dX when the layer needs it in its network),
 
-for the variants ``dense`` (masked dense path, layer.kernel=None), ``csr`` (all products sparse; dX
-with the CSR of W), ``csc`` (as csr but dX with the CSC reading), ``compact`` (dead rows/cols dropped,
-dense GEMM on the live block) and ``auto``. Masks are RANDOM (uniform, per weight) at the given
-density, so compaction only helps where random masks kill whole rows (very low densities).
+for the variants ``dense`` (masked dense path, layer.kernel=None), ``csr`` (all products sparse; Dense:
+CSR forward, SDDMM dW, dX with the CSR of W), ``csc`` (as csr but dX with the CSC reading of A),
+``compact`` (conv only: dead rows/cols dropped, dense GEMM on the live block; the Dense kernel has no
+compact mode -- CSR skips dead rows/cols by construction) and ``auto`` (measured decision, cached;
+its one-off calibration happens before timing starts). Masks are RANDOM (uniform, per weight) at
+the given density, so compaction only helps where random masks kill whole rows (very low densities).
+Dense layers get their input in the memory order they see inside a network: C order for the first
+layer of LeNet-300-100 (the flattened images), feature-major (F order) for the others (the output of
+a sparse predecessor; the dense path is indifferent to the order).
 
-Usage:  python benchmarks/kernels.py [--quick] [--torch]
+Usage:  python benchmarks/kernels.py [--quick] [--torch] [--blas-threads N]
 Writes benchmarks/results/kernels.json and kernels.png.
 """
 from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from _common import RESULTS, env_info, env_line, md_table, save_json, time_side_by_side
+
+import numpy as np  # after _common (it applies --blas-threads before NumPy loads)
 
 from nprune.layers import Conv2D, Dense
 from nprune.sparse import ConvKernelSparse, DenseKernelSparse
 
 LAYERS = [
     # name, kind, args, input shape (without batch), need_dx in its network
-    ("lenet300.fc1", "dense", (784, 300), (784,), True),
+    ("lenet300.fc1", "dense", (784, 300), (784,), False),   # first layer: no dX
     ("lenet300.fc2", "dense", (300, 100), (300,), True),
     ("lenet300.fc3", "dense", (100, 10), (100,), True),
     ("lenet5.conv1", "conv", (1, 20, 5), (1, 28, 28), False),
@@ -55,10 +60,16 @@ def bench_one(spec, density, batch, ops, repeats, rng):
     if density < 1:
         layer.set_mask("W", rng.random(layer.params["W"].shape) < density)
     x = rng.random((batch,) + in_shape).astype(np.float32)
+    if kind == "dense" and name != "lenet300.fc1" and name != "lenet5.fc1":
+        x = np.asfortranarray(x)
     y = layer.forward(x)
     dout = rng.standard_normal(y.shape).astype(np.float32)
+    if kind == "dense":
+        dout = np.asfortranarray(dout)
     kernels = {"dense": None}
     for v, modes in VARIANTS.items():
+        if v == "compact" and kind == "dense":
+            continue
         kernels[v] = K(layer, "sparse", modes)
     kernels["auto"] = K(layer, "auto")
     res = {}
@@ -77,12 +88,10 @@ def bench_one(spec, density, batch, ops, repeats, rng):
                     layer.forward(x, train=True)
                     layer.backward(dout)
             fns[v] = f
-        t = time_side_by_side(fns, repeats=repeats, target=0.005 if batch < 1000 else 0.02)
+        # auto's one-off calibration (measure dense vs kernel, cache the decision) before timing
         layer.kernel = kernels["auto"]
-        if op == "infer":
-            layer.forward(x, train=False)
-        else:
-            layer.forward(x, train=True)
+        layer.forward(x, train=(op == "step"))
+        t = time_side_by_side(fns, repeats=repeats, target=0.004 if batch < 1000 else 0.02)
         res[op] = {"times": t, "auto_plan": dict(kernels["auto"].last_plan)}
     return res
 
@@ -92,14 +101,16 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer densities/repeats")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--torch", action="store_true", help="also time torch dense / torch.sparse (if installed)")
+    ap.add_argument("--blas-threads", type=int, default=None,
+                    help="OpenBLAS threads (set before NumPy loads, see _common.py)")
     a = ap.parse_args()
     densities = [1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01]
     batches = [1, 60, 10000]
-    repeats = a.repeats or (5 if a.quick else 9)
+    repeats = a.repeats or (5 if a.quick else 7)
     if a.quick:
         densities = [1.0, 0.2, 0.1, 0.05, 0.02, 0.01]
     rng = np.random.default_rng(0)
-    print(f"# Kernel benchmark (random masks)\n\n{env_line()}\nmedian of {repeats} interleaved repeats; "
+    print(f"# Kernel benchmark (random masks, LeNet layer shapes)\n\n{env_line()}\nmedian of {repeats} interleaved repeats; "
           "ratio = variant time / dense time (< 1 is faster); conv layers at 'batch 10000' run at 1000 "
           "(im2col of 10000 images does not fit the memory budget)\n")
     results = []
@@ -133,13 +144,14 @@ def main():
                     for v in ("csr", "csc", "compact", "auto"):
                         cells.append(f"{t[v]['median'] / dm:.2f}" if v in t else "-")
                     p = r["auto_plan"]
-                    cells.append(("kernel " + "/".join(p["modes"][k] for k in ("fwd", "dx", "dw"))) if p.get("use_kernel") else "dense")
+                    cells.append(f"kernel {p['modes']}" if p.get("use_kernel") else "dense")
                     rows.append(cells)
-                # crossover: highest density from which the best sparse variant beats dense all the way down
+                # crossover: highest density from which the best sparse variant (csr/csc/compact; auto
+                # excluded -- it IS dense above the crossover) beats dense all the way down
                 cross = None
                 for r in sorted(rs, key=lambda r: r["density"]):
                     t = r["times"]
-                    best = min(t[v]["median"] for v in ("csr", "csc", "compact", "auto") if v in t)
+                    best = min(t[v]["median"] for v in ("csr", "csc", "compact") if v in t)
                     if best < t["dense"]["median"]:
                         cross = r["density"]
                     else:
@@ -177,7 +189,8 @@ def torch_compare(quick, repeats):
     except ImportError:
         print("\n(torch not installed: skipping the torch comparison)")
         return None
-    torch.set_num_threads(2)
+    import os
+    torch.set_num_threads(int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count()))
     rng = np.random.default_rng(1)
     rows, out = [], []
     for d in ([1.0, 0.1, 0.02] if quick else [1.0, 0.2, 0.1, 0.05, 0.02, 0.01]):

@@ -8,6 +8,23 @@ moments hold. (Backward already zeroes the pruned gradients; the re-mask is the 
 All arithmetic is in place on the parameters' own dtype (float32 by default): Python-float
 hyper-parameters do not upcast float32 arrays under NumPy's promotion rules. No temporaries are
 allocated per step (each parameter has a reused ``tmp`` buffer).
+
+Compact (sparse-aware) path. A pruned parameter whose mask keeps at most ``COMPACT_DENSITY`` of its
+entries is updated on its surviving entries only. All such parameters, together with the small
+unmasked ones (the biases), form one *fused group*: one flat vector holds their live entries
+(``idx = flatnonzero(mask)`` per parameter, rebuilt only when a mask object changes) and one flat
+vector per state key. Each step gathers ``p`` and ``g`` at ``idx`` into the flat vectors (one
+``np.take`` each per parameter), runs the *same* ``_update`` code once on the whole group, and
+scatters ``p`` back (``p.ravel()[idx] = p_nz``). Pruned entries are never written, so they stay
+exactly 0 without the re-mask, and every live entry goes through exactly the float32 operations of
+the dense path (all hyper-parameters are global), so both paths give bit-identical parameters (tests
+check ``==``). At 2% density this replaces ~10 passes over all weights (plus ~10 small NumPy calls per
+parameter) by ~13 passes over 2% of them and ~10 calls in total. The parameter is still read and
+written in place, so external writes (``set_weights``, rewinding) are always seen. The group's state
+is not in ``state[name]`` (it lives in ``_group``); when masks change without :meth:`reset`, state
+is carried over entry by entry (revived entries start at 0), also from/to full-size per-parameter
+state when a parameter enters or leaves the group. ``compact=False`` forces the dense path
+everywhere, ``compact=True`` puts every masked parameter in the group.
 """
 from __future__ import annotations
 
@@ -26,6 +43,10 @@ import numpy as np
 # terms, far below float32 resolution of any non-zero weight (so in practice weights are unchanged).
 FLUSH_EVERY = 100
 FLUSH_BELOW = 1e-30
+#: masked parameters with at most this fraction of surviving entries use the compact path
+COMPACT_DENSITY = 0.5
+#: unmasked parameters up to this size (biases) join the compact path's fused update
+SMALL = 4096
 
 
 def _flush_tiny(a: np.ndarray) -> None:
@@ -37,17 +58,22 @@ class Optimizer:
     """Base class. ``model`` is a :class:`~nprune.model.Sequential` (anything with ``params()``,
     ``grads()`` and ``masks()`` dicts keyed by name)."""
 
-    def __init__(self, model, lr: float):
+    def __init__(self, model, lr: float, compact: bool | None = None):
         if not lr > 0:
             raise ValueError(f"learning rate must be > 0, got {lr}")
+        self.compact = compact
         self.model = model
         self.lr = float(lr)
         self.state: dict[str, dict[str, np.ndarray]] = {}
+        self._group = None       # the compact path's fused state (see _compact_group)
+        self._no_group = None    # the masks for which no parameter qualified
         self.t = 0
 
     def reset(self) -> None:
         """Forget all state (momentum buffers, Adam moments, step count)."""
         self.state = {}
+        self._group = None
+        self._no_group = None
         self.t = 0
 
     def _slots(self, name: str, p: np.ndarray, keys) -> dict[str, np.ndarray]:
@@ -61,16 +87,120 @@ class Optimizer:
         """Apply one update from the gradients the last backward left, then re-mask."""
         self.t += 1
         params, grads, masks = self.model.params(), self.model.grads(), self.model.masks()
+        group = self._compact_group(params, masks)
         for name, p in params.items():
+            if group is not None and name in group["names"]:
+                continue
             self._update(p, grads[name], *self._state_arrays(name, p))
             m = masks.get(name)
             if m is not None:
                 np.multiply(p, m, out=p)
+        if group is not None:
+            self._compact_step(group, params, grads)
         if self.t % FLUSH_EVERY == 0:
-            for s in self.state.values():
+            for s in list(self.state.values()) + ([group["state"]] if group is not None else []):
                 for key in self.decaying:
                     if key in s:
                         _flush_tiny(s[key])
+
+    # -- compact path (see the module docstring) ------------------------------------------------
+    def _is_compact(self, m) -> bool:
+        if self.compact is False:
+            return False
+        return self.compact is True or np.count_nonzero(m) <= COMPACT_DENSITY * m.size
+
+    def _compact_group(self, params, masks):
+        """The fused group of the compact path, rebuilt when a mask object changes; None when no
+        parameter qualifies. Members: masked parameters at density <= COMPACT_DENSITY, plus the small
+        unmasked ones (biases, <= SMALL entries) so that one set of ~10 array operations updates all."""
+        g = self._group
+        if g is not None and g["masks"].keys() == params.keys() and all(
+                g["masks"][n] is masks.get(n) for n in params):
+            return g
+        ng = self._no_group
+        if g is None and ng is not None and ng.keys() == params.keys() and all(
+                ng[n] is masks.get(n) for n in params):
+            return None
+        members = []
+        dtype = None                 # one flat vector: members share the first compact one's dtype
+        for n, p in params.items():
+            m = masks.get(n)
+            if m is not None and (dtype is None or p.dtype == dtype) and self._is_compact(m):
+                dtype = p.dtype
+                members.append((n, np.flatnonzero(m.reshape(-1))))
+        for n, p in params.items():
+            if masks.get(n) is None and p.size <= SMALL and p.dtype == dtype:
+                members.append((n, None))
+        if not any(idx is not None for _, idx in members):
+            self._release_group(params, keep=())
+            self._group = None
+            self._no_group = {n: masks.get(n) for n in params}
+            return None
+        off, layout = 0, {}
+        for n, idx in members:
+            size = params[n].size if idx is None else idx.size
+            layout[n] = (idx, off, off + size)
+            off += size
+        state = {k: np.zeros(off, dtype) for k in self._compact_keys()}
+        # carry state over: from an old group, or from full-size per-parameter state
+        for n, (idx, a, b) in layout.items():
+            for k in self._compact_keys():
+                full = self._full_state(n, k, params[n])
+                if full is not None:
+                    state[k][a:b] = full if idx is None else full[idx]
+        self._release_group(params, keep=layout)
+        for n in layout:
+            self.state.pop(n, None)
+        self._group = g = {"names": layout, "masks": {n: masks.get(n) for n in params},
+                           "state": state, "p": np.empty(off, dtype), "g": np.empty(off, dtype)}
+        return g
+
+    def _full_state(self, name, key, p):
+        """Full-size (raveled) state ``key`` of ``name`` from the current group or per-parameter
+        state, or None."""
+        g = self._group
+        if g is not None and name in g["names"]:
+            idx, a, b = g["names"][name]
+            if idx is None:
+                return g["state"][key][a:b].copy()
+            full = np.zeros(p.size, p.dtype)
+            full[idx] = g["state"][key][a:b]
+            return full
+        s = self.state.get(name)
+        if s is not None and key in s:
+            return s[key].reshape(-1)
+        return None
+
+    def _release_group(self, params, keep) -> None:
+        """Members of the old group not in ``keep`` get their state back as full-size arrays."""
+        g = self._group
+        if g is None:
+            return
+        for n in g["names"]:
+            if n not in keep and n in params:
+                p = params[n]
+                self.state[n] = {k: self._full_state(n, k, p).reshape(p.shape).copy()
+                                 for k in self._compact_keys()}
+
+    def _compact_step(self, g, params, grads) -> None:
+        pz, gz = g["p"], g["g"]
+        for n, (idx, a, b) in g["names"].items():
+            if idx is None:
+                np.copyto(pz[a:b], params[n].reshape(-1))
+                np.copyto(gz[a:b], grads[n].reshape(-1))
+            else:
+                np.take(params[n].reshape(-1), idx, out=pz[a:b], mode="clip")
+                np.take(grads[n].reshape(-1), idx, out=gz[a:b], mode="clip")
+        self._update(pz, gz, *(g["state"][k] for k in self._compact_keys()))
+        for n, (idx, a, b) in g["names"].items():
+            if idx is None:
+                np.copyto(params[n].reshape(-1), pz[a:b])
+            else:
+                params[n].reshape(-1)[idx] = pz[a:b]
+
+    def _compact_keys(self) -> tuple:
+        """State keys of :meth:`_update` in argument order (same as :meth:`_state_arrays`)."""
+        return ()
 
     #: state keys that decay geometrically when the gradient is zero (flushed, see FLUSH_EVERY)
     decaying: tuple[str, ...] = ()
@@ -90,8 +220,9 @@ class SGD(Optimizer):
     ``g <- g + wd * p``;  ``v <- mu * v + g``;  ``p <- p - lr * v``  (``v = g`` when mu = 0).
     """
 
-    def __init__(self, model, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
-        super().__init__(model, lr)
+    def __init__(self, model, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 compact: bool | None = None):
+        super().__init__(model, lr, compact)
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = float(momentum)
@@ -99,8 +230,11 @@ class SGD(Optimizer):
 
     decaying = ("v",)
 
+    def _compact_keys(self):
+        return ("v", "tmp") if self.momentum else ("tmp",)
+
     def _state_arrays(self, name, p):
-        keys = ("v", "tmp") if self.momentum else ("tmp",)
+        keys = self._compact_keys()
         s = self._slots(name, p, keys)
         return tuple(s[k] for k in keys)
 
@@ -129,13 +263,16 @@ class Adam(Optimizer):
     """
 
     def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        super().__init__(model, lr)
+                 weight_decay: float = 0.0, compact: bool | None = None):
+        super().__init__(model, lr, compact)
         self.b1, self.b2 = (float(b) for b in betas)
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
 
     decaying = ("m", "v")
+
+    def _compact_keys(self):
+        return ("m", "v", "tmp", "wd") if self.weight_decay else ("m", "v", "tmp")
 
     def _state_arrays(self, name, p):
         s = self._slots(name, p, ("m", "v", "tmp", "wd") if self.weight_decay else ("m", "v", "tmp"))

@@ -1,41 +1,40 @@
 """Sparse execution of pruned Dense and Conv2D layers (kernels plugged into ``layer.kernel``).
 
-A masked dense matmul does the same work at 98% sparsity as at 0%. The kernels here hold each pruned
-weight matrix in two forms, both rebuilt only when the mask changes and refreshed (values only, one
-``np.take`` per form) before every forward:
+A masked dense matmul does the same work at 98% sparsity as at 0%. The kernels here skip the pruned
+weights. All run on SciPy's low-level ``_sparsetools.csr_matvecs`` / ``csc_matvecs`` (called directly,
+on preallocated or fresh NumPy arrays, no scipy.sparse objects), which do one axpy over the contiguous
+columns of the dense operand per stored nonzero -- fast when the dense operand is *feature-major*.
 
-* **compaction**: rows/columns of the weight matrix that are entirely pruned (dead input pixels, dead
-  hidden units, dead filters, dead input channel taps) are dropped, so a smaller dense BLAS GEMM runs
-  on the live block ``W[live_in][:, live_out]``;
-* **sparse**: the live block in CSR form (and the CSR of its transpose), multiplied with SciPy's
-  low-level ``_sparsetools.csr_matvecs`` on preallocated outputs (no per-call scipy object).
+Dense layers (:class:`DenseKernelSparse`): view the layer as ``A @ X`` with ``A = W.T`` (out, in) and
+``X = x.T`` (in, N), C-contiguous.
 
-Every product picks its method independently:
+* forward: CSR of ``A`` times ``X``; the result (out, N) is returned as its transpose, an F-ordered
+  (N, out) array. ReLU keeps the order, so the next sparse Dense reads its ``X`` without a copy:
+  activations stay feature-major through the network and only the first layer's input (C-ordered
+  images) is transposed (into a reused buffer; large inference batches in column chunks of ``CHUNK``).
+* weight gradient only at the nonzeros (SDDMM): gather the rows of ``X`` and ``dY.T`` of each nonzero,
+  multiply, reduce with a GEMV -- 4 NumPy calls per block of ``SDDMM_BLOCK`` floats -- then one
+  ``np.put`` into ``grads['W']`` (its pruned entries are zeroed once, when the mask changes).
+* input gradient: CSR of ``W`` (or the CSC reading of ``A``) times ``dY.T``, returned F-ordered.
 
-* forward   ``Y = A @ X``           -- ``compact`` (GEMM on the live block) or ``sparse`` (CSR);
-* input-grad ``dX = A^T @ dY``      -- ``compact`` or ``sparse`` (CSR of A^T, or CSC-of-A);
-* weight-grad ``dA = dY @ X^T`` restricted to the nonzeros -- ``compact`` (GEMM on the live block,
-  then gather the nonzeros) or ``sparse`` (a sampled dense-dense product: per nonzero (r, c) the dot
-  product of row r of dY and row c of X, chunked). A full dense dW is never formed in either case.
+Conv2D (:class:`ConvKernelSparse`): the im2col GEMM ``W.reshape(F, C*kh*kw) @ cols`` with the filter
+matrix held in :class:`SparseMatrix`: dead filters and dead (channel, tap) columns are dropped
+(*compaction*: a smaller dense GEMM on the live block) and/or the live block is multiplied in CSR
+form; the method of each product comes from a small cost model (``COST``, :meth:`SparseMatrix.plan`).
 
-Matrix layout: each layer is viewed as ``A @ X`` with ``X`` row-major (features, samples):
-
-* Dense: ``A = W.T`` (out, in), ``X = x.T`` (in, N). The kernel returns ``y`` as the transposed view of
-  a C-contiguous (out, N) result, i.e. an F-ordered (N, out) array; the next sparse Dense layer (after
-  an elementwise ReLU, which keeps the order) then gets its ``x.T`` without a copy.
-* Conv2D: ``A = W.reshape(F, C*kh*kw)``, ``X = im2col(x)`` (C*kh*kw, N*OH*OW) -- already the layout.
-
-Gradients land in ``layer.grads`` as full-shape arrays: the entries at pruned positions are zeroed once
-(when the structure is built) and only the nonzero positions are written afterwards.
+Values are re-gathered from the weights on every forward (one ``np.take`` of nnz elements), so
+optimisers may update the weights in place; index structures are rebuilt only on a mask change.
 
 Choice per layer (:func:`apply_kernel`): ``dense`` (``layer.kernel = None``: the masked dense code in
-layers.py), ``sparse`` (always the kernel, with the cheapest predicted method per product), ``auto``
-(the kernel only where the cost model predicts a clear win over dense, else dense; re-decided whenever
-the mask changes, and per batch size).
+layers.py), ``sparse`` (always the kernel) or ``auto``: per layer, per batch-size class (1, <= 256,
+larger) and mode (train/eval), the first call *measures* dense vs kernel side by side on that input
+and keeps the kernel only if it was faster by a clear margin (``AUTO_MARGIN``); decisions are cached
+and forgotten when the mask changes (see :class:`_KernelBase`). Dense is therefore the default
+everywhere the sparse path does not pay -- in practice conv layers, small layers and densities above
+~5-10%. Measured crossover densities: ``benchmarks/kernels.py``.
 
-Cost model constants (``COST``) were measured on the development machine (2 cores, AVX-512, OpenBLAS
-with 2 threads, SciPy 1.17) with ``python -m nprune.sparse --calibrate``; :func:`calibrate` re-measures
-them in-process.
+The training-step speedup at high sparsity also needs the optimiser to skip pruned entries: see the
+compact path of :mod:`nprune.optim` (on by default for masks at <= 50% density).
 """
 from __future__ import annotations
 
@@ -58,7 +57,8 @@ __all__ = [
     "AUTO_MARGIN",
 ]
 
-# Seconds per multiply-add / per element / per call; measured with ``python -m nprune.sparse --calibrate``.
+# Conv2D cost model: seconds per multiply-add / per element / per call; measured with
+# ``python -m nprune.sparse --calibrate`` (used only to pick compact vs CSR per conv product).
 COST = {
     "gemm_fma": 8.7e-12,      # BLAS sgemm, 2 threads, per multiply-add (large enough matrices)
     "gemm_call": 4.0e-6,      # fixed cost of one np.matmul call (+ Python around it)
@@ -69,18 +69,26 @@ COST = {
     "copy_elem": 5.8e-10,     # gather/transposing copy, per element
     "copy_call": 3.0e-6,
 }
-# auto attaches the kernel only if it is predicted at most AUTO_MARGIN times the dense cost.
-AUTO_MARGIN = 0.8
-# ... and then keeps it only if the median of AUTO_TRIALS timed calls is <= AUTO_VERIFY x dense.
-AUTO_TRIALS = 3
-AUTO_VERIFY = 0.95
-# Dense layers process at most this many samples per sparse call (larger batches are chunked, which
-# keeps the transposed blocks in cache and avoids one huge transposing copy).
-CHUNK = 1024
+# auto keeps the kernel only if its measured median time is <= AUTO_MARGIN x the dense median
+# (see _KernelBase), over AUTO_REPEATS interleaved rounds of ~CAL_TARGET seconds, on <= CAL_MAX samples.
+AUTO_MARGIN = 0.9
+AUTO_REPEATS = 5
+CAL_TARGET = 0.002
+CAL_MAX = 2048
+# calibration stops early once one path is CAL_CLEAR times faster than the other
+CAL_CLEAR = 2.0
+# Dense-kernel inference batches larger than this run in column chunks of CHUNK samples (keeps the
+# transposed input block and the output block in cache); measured best on the development machine.
+CHUNK = 512
+# the SDDMM (dW at the nonzeros) gathers at most this many floats per operand per block
+SDDMM_BLOCK = 1 << 16
+# multiply+sum of the gathered rows: einsum (one fused pass) or multiply + GEMV with ones
+SDDMM_EINSUM = False
 # a live block is compacted along an axis only if it drops at least this fraction of that axis
 MIN_DROP = 0.0
 
 _F32 = np.float32
+_DENSE = ("dense",)   # kernel cache marker: the last forward ran the dense path
 
 
 class SparseMatrix:
@@ -227,131 +235,236 @@ class SparseMatrix:
         return ("compact" if f_c <= f_s else "sparse"), min(f_c, f_s), d
 
 
+def _batch_class(n: int) -> str:
+    return "1" if n <= 1 else ("small" if n <= 256 else "large")
+
+
 class _KernelBase:
-    """Common logic: structure rebuild on mask change, per-batch-size plans, forced modes."""
+    """Common logic: structure rebuild on mask change and the ``auto`` decision.
+
+    ``auto`` (measured, not modelled): the first time a layer sees a (batch class, train, need_dx)
+    combination under the current mask -- batch classes ``1``, ``small`` (<= 256) and ``large`` --
+    it times the dense masked path and the kernel on that very input (at most ``CAL_MAX`` samples),
+    ``AUTO_REPEATS`` interleaved rounds each (forward, plus backward on a random gradient in training
+    mode; stopping early once one path is ``CAL_CLEAR`` x faster), and keeps the kernel only if its
+    median is <= ``AUTO_MARGIN`` x the dense median. The
+    decision is cached (``self.decisions``) and forgotten when the mask changes. Costs: a few
+    milliseconds per layer and mask (tens of ms for a batch-10,000 inference), once per mask. Because dense is the
+    default and the kernel must *win* a side-by-side measurement, ``auto`` is never slower than dense
+    by more than the measurement noise.
+    """
 
     def __init__(self, layer, policy: str = "sparse", modes: dict | None = None):
         if policy not in ("sparse", "auto"):
             raise ValueError(f"policy must be 'sparse' or 'auto', got {policy!r}")
         self.policy = policy
-        self.forced = dict(modes) if modes else None   # e.g. {"fwd": "sparse", "dx": "csc", ...}
-        self.sm = SparseMatrix(self._flat(layer))
+        self.forced = dict(modes) if modes else None
+        self._calibrating = False
+        self.decisions: dict = {}
+        self._fast: dict = {}       # (n, train, need_dx) -> decision, for a cheap lookup per call
+        self._last = None
+        self._setup(layer)
         self.mask_changed(layer)
 
-    def mask_changed(self, layer) -> None:
-        m = layer.masks.get("W")
-        self.sm.rebuild(None if m is None else self._mask2d(layer, m))
-        layer.grads["W"][...] = 0                      # pruned entries stay zero from now on
-        self._plans = {}
-        self._trials = {}
-        self._timing = None
-        self._cache = None
-        self.last_plan = {}
+    def _setup(self, layer) -> None:
+        pass
 
-    def _plan(self, layer, M: int, train: bool):
-        key = (M, train, layer.need_dx)
-        p = self._plans.get(key)
-        if p is None:
-            if train:
-                modes, k, d = self.sm.plan(M, layer.need_dx, dense_extra=self._mask_cost())
-            else:
-                mode, k, d = self.sm.plan_eval(M)
-                modes = {"fwd": mode, "dx": "compact", "dw": "compact"}
-            if self.forced:
-                modes = {**modes, **self.forced}
-            use = self.policy == "sparse" or k <= AUTO_MARGIN * d
-            p = [use, modes, k, d]
-            self._plans[key] = p
-            if use and self.policy == "auto":
-                self._trials[key] = {"kernel": [], "dense": []}
-        trial = self._trials.get(key)
-        if trial is not None:
-            # auto verifies a predicted win on the machine: the first calls alternate kernel/dense
-            # (both give the same results), timed from forward to the end of backward.
-            arm = "kernel" if len(trial["kernel"]) <= len(trial["dense"]) else "dense"
-            self._timing = (key, arm, time.perf_counter())
-            if min(len(trial["kernel"]), len(trial["dense"])) >= AUTO_TRIALS:
-                tk, td = np.median(trial["kernel"]), np.median(trial["dense"])
-                p[0] = bool(tk <= AUTO_VERIFY * td)
-                self.verified = getattr(self, "verified", {})
-                self.verified[key] = (float(tk), float(td))
-                del self._trials[key]
-                self._timing = None
-            else:
-                self._update_last(M, train, p)
-                return (arm == "kernel"), p[1], p[2], p[3]
-        self._update_last(M, train, p)
-        return tuple(p)
+    # -- auto ------------------------------------------------------------------------------------
+    def _decide(self, layer, x, train: bool) -> bool:
+        n = x.shape[0]
+        if self.policy == "sparse" or self._calibrating:
+            use = True
+        else:
+            key = (_batch_class(n), bool(train), bool(layer.need_dx))
+            d = self.decisions.get(key)
+            if d is None:
+                d = self.decisions[key] = self._calibrate(layer, x, train)
+            use = d["use"]
+            self._fast[(n, train, layer.need_dx)] = use
+        self._last = (n, train, use)
+        return use
 
-    def _update_last(self, M, train, p):
-        self.last_plan = dict(samples=M, train=train, use_kernel=bool(p[0]), modes=p[1],
-                              predicted_kernel_s=p[2], predicted_dense_s=p[3])
+    @property
+    def last_plan(self) -> dict:
+        """What the last forward did: samples, train, use_kernel, modes."""
+        if self._last is None:
+            return {}
+        n, train, use = self._last
+        return dict(samples=n, train=bool(train), use_kernel=bool(use), modes=self._modes_str())
 
-    def _stop_timer(self, train_end: bool) -> None:
-        t = getattr(self, "_timing", None)
-        if t is None:
-            return
-        key, arm, t0 = t
-        if key[1] and not train_end:      # training plan: wait for the backward
-            return
-        tr = self._trials.get(key)
-        if tr is not None:
-            tr[arm].append(time.perf_counter() - t0)
-        self._timing = None
+    def _modes_str(self) -> str:
+        return "sparse"
 
+    def _calibrate(self, layer, x, train: bool) -> dict:
+        xs = x[:CAL_MAX] if x.shape[0] > CAL_MAX else x
+        saved_cache = layer._cache
+        layer.kernel = None
+        try:
+            y = layer.forward(xs, train=False)
+            rng = np.random.default_rng(0)
+            # a gradient in the memory order the sparse path produces (feature-major)
+            dout = np.asarray(rng.standard_normal(y.shape[::-1]), layer.dtype).T if y.ndim == 2 \
+                else np.asarray(rng.standard_normal(y.shape), layer.dtype)
+
+            def dense():
+                layer.kernel = None
+                layer.forward(xs, train)
+                if train:
+                    layer.backward(dout)
+
+            def kern():
+                layer.kernel = self
+                self._calibrating = True
+                try:
+                    self.forward(layer, xs, train)
+                    if train:
+                        self.backward(layer, dout)
+                finally:
+                    self._calibrating = False
+
+            arms = {"dense": dense, "kernel": kern}
+            ts = {k: [] for k in arms}
+            # one probe call each (also warms both paths) sets the number of calls per round
+            for k in ("dense", "kernel"):
+                t0 = time.perf_counter()
+                arms[k]()
+                ts[k].append(time.perf_counter() - t0)
+            slow = max(ts["dense"][0], ts["kernel"][0])
+            number = max(1, min(50, int(CAL_TARGET / max(slow, 1e-7))))
+            for r in range(AUTO_REPEATS):
+                # early exit: a factor CAL_CLEAR apart is not noise (saves most of the cost of
+                # calibrating a dense layer, whose kernel may be 20x slower)
+                if r >= 1 and (min(ts["kernel"]) > CAL_CLEAR * min(ts["dense"])
+                               or min(ts["dense"]) > CAL_CLEAR * min(ts["kernel"])):
+                    break
+                for k in (("dense", "kernel") if r % 2 == 0 else ("kernel", "dense")):
+                    f = arms[k]
+                    t0 = time.perf_counter()
+                    for _ in range(number):
+                        f()
+                    ts[k].append((time.perf_counter() - t0) / number)
+            if len(ts["dense"]) > 2:           # drop the probes (cold) when rounds were run
+                ts = {k: v[1:] for k, v in ts.items()}
+        finally:
+            layer.kernel = self
+            layer._cache = saved_cache
+            self._cache = None
+        tk, td = float(np.median(ts["kernel"])), float(np.median(ts["dense"]))
+        return {"use": tk <= AUTO_MARGIN * td, "t_kernel": tk, "t_dense": td, "samples": xs.shape[0]}
+
+    # -- hook entry points ------------------------------------------------------------------------
     def forward(self, layer, x, train=True):
-        y = self._forward(layer, x, train)
-        if not train:
-            self._stop_timer(False)
-        return y
+        return self._forward(layer, x, train)
 
     def backward(self, layer, dout):
-        dx = self._backward(layer, dout)
-        self._stop_timer(True)
-        return dx
-
-    def _mask_cost(self) -> float:
-        return COST["copy_elem"] * self.sm.R * self.sm.C
-
-    def _refresh(self, layer, modes, train):
-        what = []
-        what.append("blk" if modes["fwd"] == "compact" else "csr")
-        if train and layer.need_dx:
-            if modes["dx"] == "compact":
-                what.append("blk")
-            elif modes["dx"] == "csc":
-                what.append("csr")
-            else:
-                what.append("csr_t")
-        self.sm.refresh(layer.params["W"], tuple(set(what)))
-
-    def _write_grad(self, layer, vals):
-        np.put(layer.grads["W"].reshape(-1), self.sm.gidx, vals)
-
-
-def _flat_dense(layer):
-    # A = W.T: A[o, i] is W[i, o] at flat position i * out + o
-    return np.arange(layer.in_features * layer.out_features).reshape(
-        layer.in_features, layer.out_features).T.copy()
-
-
-class DenseKernelSparse(_KernelBase):
-    """Sparse/compacted kernel for :class:`nprune.layers.Dense` (``y = x @ W + b``)."""
-
-    _flat = staticmethod(_flat_dense)
+        return self._backward(layer, dout)
 
     @staticmethod
-    def _mask2d(layer, m):
-        return m.T
-
-    @staticmethod
-    def _dense_forward(layer, x, train):
+    def _dense_call(layer, fn, *args):
         k = layer.kernel
         layer.kernel = None
         try:
-            return layer.forward(x, train)
+            return fn(*args)
         finally:
             layer.kernel = k
+
+
+class DenseKernelSparse(_KernelBase):
+    """CSR kernel for :class:`nprune.layers.Dense` (``y = x @ W + b``), feature-major throughout.
+
+    With ``A = W.T`` (out, in) in CSR form and ``X = x.T`` (in, N) C-contiguous:
+
+    * forward ``Y = A @ X`` by ``csr_matvecs`` (one length-N axpy per nonzero) into a fresh (out, N)
+      array initialised with the bias; returned as ``Y.T`` -- an F-ordered (N, out) array, so the next
+      Dense layer (after ReLU, which keeps the order) gets its ``X`` without a copy. Only a C-ordered
+      input (the first layer) is transposed, into a reused buffer. Inference batches larger than
+      ``CHUNK`` run in column chunks (working set in cache).
+    * ``dW`` only at the nonzeros (SDDMM), in the row-major order of W:
+      ``take(X, i) * take(dY, j)`` then a GEMV with ones -- four NumPy calls on preallocated buffers,
+      then one ``put`` into ``grads['W']`` (whose pruned entries were zeroed once, at mask change).
+    * ``db`` as a GEMV ``dY @ 1``; ``dX = W @ dY`` (csr_matvecs on the CSR of W; or ``csc``: the CSR
+      arrays of A read as CSC of A.T, no second value gather), returned F-ordered.
+
+    Values are re-gathered from ``W`` on every forward (``np.take``, nnz elements), so optimisers may
+    update ``W`` in place; the index structure is rebuilt only by :meth:`mask_changed`.
+    ``modes``: ``{"dx": "csr" | "csc"}`` (other keys ignored).
+    """
+
+    def _setup(self, layer):
+        self.R, self.C = layer.out_features, layer.in_features
+        dx = (self.forced or {}).get("dx", "csr")
+        self.dx_mode = "csc" if dx == "csc" else "csr"
+
+    def _modes_str(self):
+        return f"csr/dx-{self.dx_mode}/sddmm"
+
+    # auto's dense branch runs the code of Dense.forward/backward inline (same operations, same
+    # results) instead of re-entering the layer: at batch 1 the whole dense product takes 2-10 us and
+    # every microsecond of dispatch shows.
+    def forward(self, layer, x, train=True):
+        if type(x) is not np.ndarray:
+            x = np.asarray(x)
+        if self._fast.get((x.shape[0], train, layer.need_dx)) is False:
+            self._last = (x.shape[0], train, False)
+            self._cache = _DENSE
+            if x.dtype != layer.dtype:
+                x = x.astype(layer.dtype)
+            if x.ndim != 2 or x.shape[1] != layer.in_features:
+                raise ValueError(f"Dense expects (N, {layer.in_features}), got {x.shape}")
+            y = np.matmul(x, layer.params["W"])
+            if layer.bias:
+                y += layer.params["b"]
+            if train:
+                layer._cache = x
+            return y
+        return self._forward(layer, x, train)
+
+    def backward(self, layer, dout):
+        if self._cache is _DENSE:
+            x = layer._get_cache()
+            np.matmul(x.T, dout, out=layer.grads["W"])
+            layer._mask_grad("W")
+            if layer.bias:
+                np.sum(dout, axis=0, out=layer.grads["b"])
+            if not layer.need_dx:
+                return None
+            return np.matmul(dout, layer.params["W"].T)
+        return self._backward(layer, dout)
+
+    def mask_changed(self, layer) -> None:
+        R, C = self.R, self.C
+        m = layer.masks.get("W")
+        keep = np.ones((C, R), bool) if m is None else (np.asarray(m) != 0)   # W layout (in, out)
+        # CSR of A = W.T: nonzeros ordered by (out j, in i)
+        jj, ii = np.nonzero(keep.T)
+        self.nnz = int(jj.size)
+        self.indptr = np.zeros(R + 1, np.int32)
+        np.cumsum(np.bincount(jj, minlength=R), out=self.indptr[1:])
+        self.indices = ii.astype(np.int32)
+        self.gidx = (ii * R + jj).astype(np.intp)         # positions in W.ravel(), A-CSR order
+        # CSR of W (in, out): row-major order of W
+        self.gidx_t = np.flatnonzero(keep.reshape(-1))
+        it, jt = np.divmod(self.gidx_t, R)
+        self.i_t, self.j_t = it.astype(np.intp), jt.astype(np.intp)
+        self.indptr_t = np.zeros(C + 1, np.int32)
+        np.cumsum(np.bincount(it, minlength=C), out=self.indptr_t[1:])
+        self.indices_t = jt.astype(np.int32)
+        self.data = np.zeros(self.nnz, _F32)
+        self.data_t = np.zeros(self.nnz, _F32)
+        self.gnz = np.zeros(self.nnz, _F32)
+        self.density = self.nnz / max(R * C, 1)
+        layer.grads["W"][...] = 0                        # pruned entries stay zero from now on
+        self._bufs = {}
+        self._cache = None
+        self.decisions = {}
+        self._fast = {}
+
+    def _buf(self, key, size):
+        """A reused flat float32 buffer of at least ``size`` elements."""
+        b = self._bufs.get(key)
+        if b is None or b.size < size:
+            b = self._bufs[key] = np.empty(max(size, 1), _F32)
+        return b[:size]
 
     def _forward(self, layer, x, train=True):
         x = np.asarray(x)
@@ -359,88 +472,139 @@ class DenseKernelSparse(_KernelBase):
             x = x.astype(layer.dtype)
         if x.ndim != 2 or x.shape[1] != layer.in_features:
             raise ValueError(f"Dense expects (N, {layer.in_features}), got {x.shape}")
-        n = x.shape[0]
-        use, modes, _, _ = self._plan(layer, min(n, CHUNK), train)
-        if not use:
-            self._cache = ("dense",)
-            return self._dense_forward(layer, x, train)
-        sm = self.sm
-        self._refresh(layer, modes, train)
-        b = layer.params.get("b") if layer.bias else None
-        if n <= CHUNK:
-            xt = self._gather_xt(x)
-            yt = self._fwd_block(xt, modes["fwd"], b)
+        if not self._decide(layer, x, train):
+            self._cache = _DENSE
+            return self._dense_call(layer, layer.forward, x, train)
+        R, C, n = self.R, self.C, x.shape[0]
+        np.take(layer.params["W"].reshape(-1), self.gidx, out=self.data, mode="clip")
+        b = layer.params["b"][:, None] if layer.bias else None
+        yT = np.empty((R, n), _F32)
+        xT = x.T
+        if train or n <= CHUNK:
+            if not xT.flags.c_contiguous:
+                buf = self._buf("xT", C * n).reshape(C, n)
+                np.copyto(buf, xT)
+                xT = buf
+            self._spmm(xT, yT, b, n)
             if train:
-                self._cache = ("sparse", modes, xt, n)
-            return yt.T
-        y = np.empty((n, layer.out_features), layer.dtype)
+                self._cache = ("sparse", xT, n)
+            return yT.T
+        # large inference batch: column chunks; each chunk transposed/copied into a buffer
+        xb = self._buf("xc", C * CHUNK)
+        yb = self._buf("yc", R * CHUNK)
         for s in range(0, n, CHUNK):
-            xb = x[s:s + CHUNK]
-            y[s:s + CHUNK] = self._fwd_block(self._gather_xt(xb), modes["fwd"], b).T
-        if train:
-            self._cache = ("sparse", modes, None, x)
-        return y
+            w = min(CHUNK, n - s)
+            xc = xb[:C * w].reshape(C, w)
+            np.copyto(xc, xT[:, s:s + w])
+            yc = yb[:R * w].reshape(R, w)
+            self._spmm(xc, yc, b, w)
+            yT[:, s:s + w] = yc
+        return yT.T
 
-    def _gather_xt(self, x):
-        sm = self.sm
-        xt = x.T
-        if not sm.all_c:
-            if xt.flags.c_contiguous:
-                return np.take(xt, sm.live_c, axis=0)
-            return np.ascontiguousarray(np.take(x, sm.live_c, axis=1).T)
-        return np.ascontiguousarray(xt)
-
-    def _fwd_block(self, xt, mode, b):
-        sm = self.sm
-        yl = sm.matmul(xt, mode)
-        if sm.all_r:
-            yt = yl
+    def _spmm(self, xT, yT, b, n):
+        if b is None:
+            yT.fill(0)
         else:
-            yt = np.zeros((sm.R, xt.shape[1]), _F32)
-            yt[sm.live_r] = yl
-        if b is not None:
-            yt += b[:, None]
-        return yt
+            np.copyto(yT, b)
+        if self.nnz:
+            _st.csr_matvecs(self.R, self.C, n, self.indptr, self.indices, self.data,
+                            xT.reshape(-1), yT.reshape(-1))
 
     def _backward(self, layer, dout):
         c = self._cache
         if c is None:
             raise RuntimeError("Dense.backward called without a preceding forward(x, train=True)")
         if c[0] == "dense":
-            k = layer.kernel
-            layer.kernel = None
-            try:
-                return layer.backward(dout)
-            finally:
-                layer.kernel = k
-        _, modes, xt, n = c
-        if xt is None:                                   # large batch: rebuild the columns once
-            xt, n = self._gather_xt(n), n.shape[0]
-        sm = self.sm
-        dt = dout.T
-        if sm.all_r:
-            dtl = np.ascontiguousarray(dt)
-        elif dt.flags.c_contiguous:
-            dtl = np.take(dt, sm.live_r, axis=0)
-        else:
-            dtl = np.ascontiguousarray(np.take(dout, sm.live_r, axis=1).T)
+            return self._dense_call(layer, layer.backward, dout)
+        _, xT, n = c
+        R, C, nnz = self.R, self.C, self.nnz
+        dT = dout.T
+        if not (dT.flags.c_contiguous and dT.dtype == _F32):
+            buf = self._buf("dT", R * n).reshape(R, n)
+            np.copyto(buf, dT)
+            dT = buf
+        ones = self._bufs.get("ones")
+        if ones is None or ones.size != n:
+            ones = self._bufs["ones"] = np.ones(n, _F32)
         if layer.bias:
-            np.sum(dout, axis=0, out=layer.grads["b"])
-        self._write_grad(layer, sm.grad_values(dtl, xt, modes["dw"]))
+            np.matmul(dT, ones, out=layer.grads["b"])
+        if nnz:
+            step = max(1, SDDMM_BLOCK // max(n, 1))
+            ga = self._buf("ga", min(step, nnz) * n)
+            gb = self._buf("gb", min(step, nnz) * n)
+            for s in range(0, nnz, step):
+                e = min(nnz, s + step)
+                a = ga[:(e - s) * n].reshape(e - s, n)
+                bb = gb[:(e - s) * n].reshape(e - s, n)
+                np.take(xT, self.i_t[s:e], axis=0, out=a, mode="clip")
+                np.take(dT, self.j_t[s:e], axis=0, out=bb, mode="clip")
+                if SDDMM_EINSUM:
+                    np.einsum("kn,kn->k", a, bb, out=self.gnz[s:e])
+                else:
+                    np.multiply(a, bb, out=a)
+                    np.matmul(a, ones, out=self.gnz[s:e])
+            np.put(layer.grads["W"].reshape(-1), self.gidx_t, self.gnz, mode="clip")
         if not layer.need_dx:
             return None
-        z = sm.tmatmul(dtl, modes["dx"])
-        if sm.all_c:
-            return z.T
-        dxt = np.zeros((sm.C, n), _F32)
-        dxt[sm.live_c] = z
-        return dxt.T
+        dxT = np.zeros((C, n), _F32)
+        if nnz:
+            if self.dx_mode == "csc":
+                _st.csc_matvecs(C, R, n, self.indptr, self.indices, self.data,
+                                dT.reshape(-1), dxT.reshape(-1))
+            else:
+                np.take(layer.params["W"].reshape(-1), self.gidx_t, out=self.data_t, mode="clip")
+                _st.csr_matvecs(C, R, n, self.indptr_t, self.indices_t, self.data_t,
+                                dT.reshape(-1), dxT.reshape(-1))
+        return dxT.T
 
 
 class ConvKernelSparse(_KernelBase):
     """Sparse/compacted kernel for :class:`nprune.layers.Conv2D`: the im2col GEMM
     ``W.reshape(F, C*kh*kw) @ cols`` with the filter matrix compacted (dead filters and dead
-    (channel, tap) columns dropped) and/or sparse."""
+    (channel, tap) columns dropped) and/or sparse. Each product's method (``compact`` GEMM on the
+    live block or ``sparse`` CSR) comes from the cost model of :meth:`SparseMatrix.plan` unless
+    forced by ``modes``; whether to use the kernel at all under ``auto`` is measured (see
+    :class:`_KernelBase`) -- in practice conv falls back to dense except at very low densities."""
+
+    def _setup(self, layer):
+        self.sm = SparseMatrix(self._flat(layer))
+
+    def mask_changed(self, layer) -> None:
+        m = layer.masks.get("W")
+        self.sm.rebuild(None if m is None else self._mask2d(layer, m))
+        self.density = self.sm.density
+        layer.grads["W"][...] = 0                      # pruned entries stay zero from now on
+        self._plans = {}
+        self._cache = None
+        self.decisions = {}
+        self._fast = {}
+
+    def _modes_str(self):
+        return "/".join(self._last_modes[k] for k in ("fwd", "dx", "dw")) if getattr(self, "_last_modes", None) else "?"
+
+    def _plan(self, layer, M: int, train: bool) -> dict:
+        key = (M, train, layer.need_dx)
+        modes = self._plans.get(key)
+        if modes is None:
+            if train:
+                modes, _, _ = self.sm.plan(M, layer.need_dx)
+            else:
+                mode, _, _ = self.sm.plan_eval(M)
+                modes = {"fwd": mode, "dx": "compact", "dw": "compact"}
+            if self.forced:
+                modes = {**modes, **self.forced}
+            self._plans[key] = modes
+        self._last_modes = modes
+        return modes
+
+    def _refresh(self, layer, modes, train):
+        what = {"blk" if modes["fwd"] == "compact" else "csr"}
+        if train and layer.need_dx:
+            what.add({"compact": "blk", "csc": "csr"}.get(modes["dx"], "csr_t"))
+        self.sm.refresh(layer.params["W"], tuple(what))
+
+    def _write_grad(self, layer, vals):
+        np.put(layer.grads["W"].reshape(-1), self.sm.gidx, vals)
 
     @staticmethod
     def _flat(layer):
@@ -460,8 +624,8 @@ class ConvKernelSparse(_KernelBase):
             raise ValueError(f"Conv2D expects (N, {layer.in_channels}, H, W), got {x.shape}")
         n, f, oh, ow = layer.output_shape(x.shape)
         m = n * oh * ow
-        use, modes, _, _ = self._plan(layer, m, train)
-        if not use:
+        modes = self._plan(layer, m, train)
+        if not self._decide(layer, x, train):
             self._cache = ("dense",)
             k = layer.kernel
             layer.kernel = None
@@ -535,11 +699,11 @@ def _kernel_for(layer, policy, modes=None):
 def apply_kernel(model, choice: str = "auto", modes: dict | None = None) -> None:
     """Set the kernel of every Dense/Conv2D layer of ``model``.
 
-    ``choice``: ``dense`` (``layer.kernel = None``), ``sparse`` (always the sparse/compacted kernel,
-    with the cheapest predicted method per product), ``auto`` (the kernel decides per layer, per batch
-    size and per mask whether to run the sparse/compacted products or hand over to the dense code).
-    ``modes`` (tests/benchmarks) forces methods: ``{"fwd": "compact"|"sparse", "dx":
-    "compact"|"sparse"|"csc", "dw": "compact"|"sparse"}``.
+    ``choice``: ``dense`` (``layer.kernel = None``), ``sparse`` (always the kernel), ``auto`` (the
+    kernel measures, per layer, batch-size class, mode and mask, whether its products beat the dense
+    code, and hands over to the dense code unless they do; see :class:`_KernelBase`).
+    ``modes`` (tests/benchmarks) forces methods: Conv2D ``{"fwd": "compact"|"sparse", "dx":
+    "compact"|"sparse"|"csc", "dw": "compact"|"sparse"}``; Dense only reads ``{"dx": "csr"|"csc"}``.
     A layer without a mask is also given the kernel (``sparse``: compact == dense GEMM there).
     """
     if choice not in ("dense", "sparse", "auto"):
@@ -561,9 +725,9 @@ def kernel_report(model) -> list[dict]:
         k = getattr(layer, "kernel", None)
         if not isinstance(k, _KernelBase):
             continue
-        sm = k.sm
-        out.append(dict(layer=name, density=sm.density, live_rows=sm.nr, rows=sm.R,
-                        live_cols=sm.nc, cols=sm.C, **getattr(k, "last_plan", {})))
+        out.append(dict(layer=name, density=float(k.density), decisions={
+            f"{c}/{'train' if t else 'eval'}": dict(v, use=bool(v["use"]))
+            for (c, t, _), v in k.decisions.items()}, **k.last_plan))
     return out
 
 
