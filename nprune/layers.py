@@ -180,6 +180,10 @@ class Dense(Layer):
         """Inputs: x (N, in). Returns y (N, out) in the layer dtype. Caches x when ``train``."""
         if self.kernel is not None:
             return self.kernel.forward(self, x, train)
+        return self.dense_forward(x, train)
+
+    def dense_forward(self, x, train=True):
+        """The masked dense forward (the default kernel; also the fallback of nprune.sparse)."""
         x = np.asarray(x)
         if x.dtype != self.dtype:
             x = x.astype(self.dtype)
@@ -199,6 +203,10 @@ class Dense(Layer):
         """
         if self.kernel is not None:
             return self.kernel.backward(self, dout)
+        return self.dense_backward(dout)
+
+    def dense_backward(self, dout):
+        """The masked dense backward (the default kernel; also the fallback of nprune.sparse)."""
         x = self._get_cache()
         np.matmul(x.T, dout, out=self.grads["W"])
         self._mask_grad("W")

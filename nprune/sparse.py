@@ -407,28 +407,12 @@ class DenseKernelSparse(_KernelBase):
         if self._fast.get((x.shape[0], train, layer.need_dx)) is False:
             self._last = (x.shape[0], train, False)
             self._cache = _DENSE
-            if x.dtype != layer.dtype:
-                x = x.astype(layer.dtype)
-            if x.ndim != 2 or x.shape[1] != layer.in_features:
-                raise ValueError(f"Dense expects (N, {layer.in_features}), got {x.shape}")
-            y = np.matmul(x, layer.params["W"])
-            if layer.bias:
-                y += layer.params["b"]
-            if train:
-                layer._cache = x
-            return y
+            return layer.dense_forward(x, train)
         return self._forward(layer, x, train)
 
     def backward(self, layer, dout):
         if self._cache is _DENSE:
-            x = layer._get_cache()
-            np.matmul(x.T, dout, out=layer.grads["W"])
-            layer._mask_grad("W")
-            if layer.bias:
-                np.sum(dout, axis=0, out=layer.grads["b"])
-            if not layer.need_dx:
-                return None
-            return np.matmul(dout, layer.params["W"].T)
+            return layer.dense_backward(dout)
         return self._backward(layer, dout)
 
     def mask_changed(self, layer) -> None:

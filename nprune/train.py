@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from .datasets import iterate_minibatches
 from .optim import make_optimizer
 
 
@@ -66,17 +67,18 @@ class TrainResult:
 
 
 def batches(n: int, batch_size: int, iterations: int, rng: np.random.Generator):
-    """Yield ``iterations`` index arrays of length ``batch_size``: consecutive slices of per-epoch
-    permutations of ``range(n)`` drawn from ``rng``; each epoch's last partial batch is dropped."""
+    """Yield ``iterations`` index arrays of length ``batch_size``: the epochs of
+    :func:`nprune.datasets.iterate_minibatches` (a permutation of ``range(n)`` from ``rng`` per
+    epoch, its last partial batch dropped), one after another until the budget is spent."""
     if batch_size > n:
         raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")
-    per_epoch = n // batch_size
     done = 0
     while done < iterations:
-        perm = rng.permutation(n)
-        for b in range(min(per_epoch, iterations - done)):
-            yield perm[b * batch_size:(b + 1) * batch_size]
-        done += min(per_epoch, iterations - done)
+        for idx in iterate_minibatches(n, batch_size, rng):
+            if done == iterations:
+                return
+            yield idx
+            done += 1
 
 
 def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=None,
