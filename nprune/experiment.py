@@ -263,8 +263,9 @@ class Progress:
     def __call__(self, event: str, **k) -> None:
         if event == "start":
             self.current = 0
+            layers = ", ".join(f"{n.split('.')[0]} {p:.1f}%" for n, p in k.get("layers", {}).items())
             self._print(f"[{self.net} seed {k['seed']} {k['strategy']} round {k['round']}] "
-                        f"{k['left']:.2f}% of weights left")
+                        f"{k['left']:.2f}% of weights left ({layers})")
         elif event == "eval":
             self.current = k["iteration"]
             now = time.perf_counter()

@@ -206,7 +206,8 @@ class IMP:
         report = sparsity_report(masks)
         if self.progress:
             self.progress("start", seed=seed, strategy=strategy if r else "dense", round=r,
-                          left=report["total"]["percent"])
+                          left=report["total"]["percent"],
+                          layers={k: v["percent"] for k, v in report.items() if k != "total"})
 
         def on_eval(it, total, res):
             if self.progress:

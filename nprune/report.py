@@ -92,7 +92,27 @@ def summary_markdown(rows: list, settings: dict | None = None, title: str = "") 
                     _cell([m["final_test_acc"] for m in ok], 100)]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    lines += sparsity_markdown(groups)
     return "\n".join(lines)
+
+
+def sparsity_markdown(groups: dict) -> list:
+    """Weights left per layer and round (count and percent), for each strategy's first seed."""
+    lines = []
+    for s, rounds in groups.items():
+        firsts = [sorted(rounds[r], key=lambda m: m["seed"])[0] for r in sorted(rounds)]
+        if not firsts:
+            continue
+        layers = [k for k in firsts[0]["weights"] if k != "total"]
+        lines.append(f"Weights left per layer, {s} (seed {firsts[0]['seed']}):")
+        lines.append("")
+        lines.append("| round | " + " | ".join(layers + ["total"]) + " |")
+        lines.append("|" + "---|" * (len(layers) + 2))
+        for m in firsts:
+            cells = [f"{m['weights'][k]['left']} ({m['weights'][k]['percent']:.2f}%)" for k in layers + ["total"]]
+            lines.append(f"| {m['round']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def write_report(run_dir) -> dict:
