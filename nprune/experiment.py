@@ -344,8 +344,6 @@ def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bo
         for s in job["seeds"]:
             for st in job["strategies"]:
                 imp.run_strategy(s, st, job["rounds"])
-            if not job["strategies"]:
-                imp.run_dense(s)
         return run_dir
     _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel)
     return run_dir

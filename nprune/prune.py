@@ -122,9 +122,3 @@ def sparsity_report(masks: dict) -> dict:
     rep["total"] = {"left": left_all, "total": total_all,
                     "percent": 100.0 * left_all / total_all if total_all else 0.0}
     return rep
-
-
-def format_report(rep: dict) -> str:
-    """The report as aligned text lines."""
-    return "\n".join(f"  {n:8s} {r['left']:>8d} / {r['total']:<8d} {r['percent']:7.2f}%"
-                     for n, r in rep.items())
