@@ -78,11 +78,27 @@ def step_flops(model, batch):
     return total
 
 
+def time_epochs(run, restart, n, bs, epochs, seed):
+    """Warm up ``run`` on 20 batches, ``restart()`` (weights and optimiser back to the start), then
+    time ``epochs`` epochs of the same seeded permutation batches; returns seconds per epoch."""
+    import numpy as np
+    from nprune.train import batches
+    run(batches(n, bs, 20, np.random.default_rng(123)))  # warm-up (buffers, BLAS threads)
+    restart()
+    rng = np.random.default_rng(seed)
+    times = []
+    for _ in range(epochs):
+        idxs = list(batches(n, bs, n // bs, rng))
+        t0 = time.perf_counter()
+        run(idxs)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def time_nprune(net, data, epochs, seed=0):
     import numpy as np
     from nprune.nets import build
     from nprune.optim import make_optimizer
-    from nprune.train import batches
     opt_name, lr, mom, bs = RECIPES[net]
     model = build(net, np.random.default_rng(seed))
     init = model.get_weights()
@@ -99,16 +115,11 @@ def time_nprune(net, data, epochs, seed=0):
             model.loss_and_grads(xb, yb)
             opt.step()
 
-    rng = np.random.default_rng(seed)
-    run(batches(len(x), bs, 20, np.random.default_rng(123)))  # warm-up (buffers, BLAS threads)
-    model.set_weights(init)
-    opt.reset()
-    times, losses = [], []
-    for _ in range(epochs):
-        idxs = list(batches(len(x), bs, per_epoch, rng))
-        t0 = time.perf_counter()
-        run(idxs)
-        times.append(time.perf_counter() - t0)
+    def restart():
+        model.set_weights(init)
+        opt.reset()
+
+    times = time_epochs(run, restart, len(x), bs, epochs, seed)
     t0 = time.perf_counter()
     vl, va = model.evaluate(data.x_val, data.y_val, 5000)
     tl, ta = model.evaluate(data.x_test, data.y_test, 5000)
@@ -141,7 +152,6 @@ def time_torch(net, data, epochs, init, seed=0):
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from nprune.train import batches
     opt_name, lr, mom, bs = RECIPES[net]
     model = torch_model(net, init)
     if opt_name == "adam":
@@ -150,7 +160,6 @@ def time_torch(net, data, epochs, init, seed=0):
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=mom)
     x = torch.from_numpy(data.x_train)
     y = torch.from_numpy(data.y_train.astype(np.int64))
-    per_epoch = len(x) // bs
 
     def run(idxs):
         for idx in idxs:
@@ -161,16 +170,11 @@ def time_torch(net, data, epochs, init, seed=0):
             loss.backward()
             opt.step()
 
-    run(batches(len(x), bs, 20, np.random.default_rng(123)))  # warm-up
-    model.load_state_dict(torch_model(net, init).state_dict())
-    opt.state.clear()
-    rng = np.random.default_rng(seed)
-    times = []
-    for _ in range(epochs):
-        idxs = list(batches(len(x), bs, per_epoch, rng))
-        t0 = time.perf_counter()
-        run(idxs)
-        times.append(time.perf_counter() - t0)
+    def restart():
+        model.load_state_dict(torch_model(net, init).state_dict())
+        opt.state.clear()
+
+    times = time_epochs(run, restart, len(x), bs, epochs, seed)
     t0 = time.perf_counter()
     with torch.no_grad():
         correct = 0
