@@ -39,20 +39,9 @@ def numerical_gradient(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, df:
 
 def eval_numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray,
                             h: float = 1e-5) -> np.ndarray:
-    """Numerical gradient of a scalar function ``f`` at ``x`` (``x`` modified in place, restored)."""
-    grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"], op_flags=[["readwrite"]])
-    while not it.finished:
-        ix = it.multi_index
-        old = x[ix]
-        x[ix] = old + h
-        fp = float(f(x))
-        x[ix] = old - h
-        fm = float(f(x))
-        x[ix] = old
-        grad[ix] = (fp - fm) / (2 * h)
-        it.iternext()
-    return grad
+    """Numerical gradient of a scalar function ``f`` at ``x`` (``x`` modified in place, restored):
+    :func:`numerical_gradient` with the upstream gradient 1."""
+    return numerical_gradient(lambda z: np.asarray(f(z), dtype=np.float64), x, np.float64(1.0), h)
 
 
 def rel_error(a: np.ndarray, b: np.ndarray, floor: float = 1e-8) -> float:
