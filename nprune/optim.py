@@ -25,6 +25,13 @@ is not in ``state[name]`` (it lives in ``_group``); when masks change without :m
 is carried over entry by entry (revived entries start at 0), also from/to full-size per-parameter
 state when a parameter enters or leaves the group. ``compact=False`` forces the dense path
 everywhere, ``compact=True`` puts every masked parameter in the group.
+
+Chunks (dense path). A parameter larger than ``CHUNK`` entries is updated chunk by chunk (flat
+views of at most ``CHUNK`` entries, built once per set of arrays), so that the ~5 (SGD) or ~10 (Adam)
+passes over a chunk find it in cache instead of streaming whole weight matrices through memory
+each time. The arithmetic of every entry is unchanged, so the results are bit-identical to the
+unchunked update (tests check ``==``). ``benchmarks/optim_speed.py`` measures the step time against
+the chunk size.
 """
 from __future__ import annotations
 
@@ -49,6 +56,25 @@ COMPACT_DENSITY = 0.5
 SMALL = 4096
 
 
+#: the dense path updates parameters in flat chunks of at most this many entries (see above)
+CHUNK = 1 << 16
+
+
+def _chunked(work, chunk: int) -> list:
+    """The work items ``(p, g, mask, *state)`` with every item larger than ``chunk`` entries cut
+    into items of flat views of at most ``chunk`` entries (C-contiguous arrays only: views)."""
+    out = []
+    for w in work:
+        n = w[0].size
+        if n <= chunk or not all(a is None or a.flags.c_contiguous for a in w):
+            out.append(w)
+            continue
+        flat = [None if a is None else a.reshape(-1) for a in w]
+        for lo in range(0, n, chunk):
+            out.append(tuple(None if f is None else f[lo:lo + chunk] for f in flat))
+    return out
+
+
 def _flush_tiny(a: np.ndarray) -> None:
     """Set entries with ``|a| < FLUSH_BELOW`` to exactly 0, in place."""
     np.copyto(a, 0, where=np.abs(a) < FLUSH_BELOW)
@@ -67,6 +93,7 @@ class Optimizer:
         self.state: dict[str, dict[str, np.ndarray]] = {}
         self._group = None       # the compact path's fused state (see _compact_group)
         self._no_group = None    # the masks for which no parameter qualified
+        self._chunks = None      # the dense path's chunk views and their arrays' ids
         self.t = 0
 
     def reset(self) -> None:
@@ -74,6 +101,7 @@ class Optimizer:
         self.state = {}
         self._group = None
         self._no_group = None
+        self._chunks = None
         self.t = 0
 
     def _slots(self, name: str, p: np.ndarray, keys) -> dict[str, np.ndarray]:
@@ -88,11 +116,16 @@ class Optimizer:
         self.t += 1
         params, grads, masks = self.model.params(), self.model.grads(), self.model.masks()
         group = self._compact_group(params, masks)
+        work = []
         for name, p in params.items():
             if group is not None and name in group["names"]:
                 continue
-            self._update(p, grads[name], *self._state_arrays(name, p))
-            m = masks.get(name)
+            work.append((p, grads[name], masks.get(name)) + tuple(self._state_arrays(name, p)))
+        key = tuple(id(a) for w in work for a in w)
+        if self._chunks is None or self._chunks[0] != key:
+            self._chunks = (key, _chunked(work, CHUNK))
+        for p, g, m, *state in self._chunks[1]:
+            self._update(p, g, *state)
             if m is not None:
                 np.multiply(p, m, out=p)
         if group is not None:

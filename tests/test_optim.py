@@ -130,3 +130,37 @@ def test_bad_settings():
         SGD(None, lr=0.0)
     with pytest.raises(ValueError):
         SGD(None, lr=0.1, momentum=1.0)
+
+
+@pytest.mark.parametrize("opt", ["sgd-momentum-wd", "adam", "adam-wd"])
+@pytest.mark.parametrize("density", [None, 0.7])
+def test_chunked_updates_are_bit_identical(opt, density, synth, monkeypatch):
+    """The dense path updates big parameters chunk by chunk; element-wise float32 arithmetic does
+    not depend on the chunking, so any chunk size must give exactly the same parameters and state
+    (also after a reset, when the state arrays are new)."""
+    import nprune.optim
+    runs = []
+    for chunk in (10 ** 9, 1 << 16, 1000):
+        monkeypatch.setattr(nprune.optim, "CHUNK", chunk)
+        model = nets.build("lenet300", np.random.default_rng(7))
+        if density is not None:
+            model.set_masks(_random_masks(model, np.random.default_rng(8), density))
+        if opt.startswith("sgd"):
+            o = SGD(model, 0.05, momentum=0.9, weight_decay=1e-3)
+        else:
+            o = Adam(model, 1e-2, weight_decay=1e-3 if opt == "adam-wd" else 0.0)
+        for step in range(6):
+            if step == 3:
+                o.reset()
+            i = step * 16
+            model.loss_and_grads(synth.x_train[i:i + 16], synth.y_train[i:i + 16])
+            o.step()
+        runs.append((model.get_weights(), {n: {k: a.copy() for k, a in s.items()} for n, s in o.state.items()}))
+    w1, s1 = runs[0]
+    for w, s in runs[1:]:
+        for n in w1:
+            assert np.array_equal(w[n], w1[n]), n
+        assert s.keys() == s1.keys()
+        for n in s1:
+            for k in s1[n]:
+                assert np.array_equal(s[n][k], s1[n][k]), (n, k)
