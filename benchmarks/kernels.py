@@ -9,8 +9,11 @@ times, side by side (interleaved round robin, median of repeats):
 for the variants ``dense`` (masked dense path, layer.kernel=None), ``csr`` (all products sparse; Dense:
 CSR forward, SDDMM dW, dX with the CSR of W), ``csc`` (as csr but dX with the CSC reading of A),
 ``compact`` (conv only: dead rows/cols dropped, dense GEMM on the live block; the Dense kernel has no
-compact mode -- CSR skips dead rows/cols by construction) and ``auto`` (measured decision, cached;
-its one-off calibration happens before timing starts). Masks are RANDOM (uniform, per weight) at
+compact mode -- CSR skips dead rows/cols by construction) and ``auto`` (what ``set_kernel("auto")``
+attaches: the deterministic lookup in the thresholds table in use -- the user's calibration from
+``python -m nprune.sparse --calibrate`` if there is one, else the shipped table; printed at the top --
+or no kernel at all when the table has no threshold for the layer's shape; the "auto chose" column
+gives the threshold it compared the density with). Masks are RANDOM (uniform, per weight) at
 the given density, so compaction only helps where random masks kill whole rows (very low densities).
 Dense layers get their input in the memory order they see inside a network: C order for the first
 layer of LeNet-300-100 (the flattened images), feature-major (F order) for the others (the output of
@@ -28,7 +31,8 @@ from _common import RESULTS, env_info, env_line, md_table, save_json, time_side_
 import numpy as np  # after _common (it applies --blas-threads before NumPy loads)
 
 from nprune.layers import Conv2D, Dense
-from nprune.sparse import ConvKernelSparse, DenseKernelSparse
+from nprune.sparse import (ConvKernelSparse, DenseKernelSparse, _batch_class, active_thresholds,
+                           auto_kernel)
 
 LAYERS = [
     # name, kind, args, input shape (without batch), need_dx in its network
@@ -66,12 +70,12 @@ def bench_one(spec, density, batch, ops, repeats, rng):
     dout = rng.standard_normal(y.shape).astype(np.float32)
     if kind == "dense":
         dout = np.asfortranarray(dout)
-    kernels = {"dense": None}
+    kernels = {"dense": None, "dense2": None}   # dense2: the same dense path again (noise floor)
     for v, modes in VARIANTS.items():
         if v == "compact" and kind == "dense":
             continue
         kernels[v] = K(layer, "sparse", modes)
-    kernels["auto"] = K(layer, "auto")
+    kernels["auto"] = auto_kernel(layer)        # None: no threshold for this shape -> plain dense
     res = {}
     for op in ops:
         fns = {}
@@ -88,11 +92,24 @@ def bench_one(spec, density, batch, ops, repeats, rng):
                     layer.forward(x, train=True)
                     layer.backward(dout)
             fns[v] = f
-        # auto's one-off calibration (measure dense vs kernel, cache the decision) before timing
+        # auto's decision for this (batch class, mode) is a table lookup on its first call
         layer.kernel = kernels["auto"]
         layer.forward(x, train=(op == "step"))
         t = time_side_by_side(fns, repeats=repeats, target=0.004 if batch < 1000 else 0.02)
-        res[op] = {"times": t, "auto_plan": dict(kernels["auto"].last_plan)}
+        ka = kernels["auto"]
+        if ka is None:
+            plan = {"use_kernel": False, "threshold": None, "attached": False}
+        elif ka.all_dense:       # density above every threshold of the shape: plain dense code
+            plan = {"use_kernel": False, "threshold": None, "attached": True, "all_dense": True}
+        else:
+            dec = [v for k, v in ka.decisions.items()
+                   if k[0] == _batch_class(batch) and k[1] == (op == "step")]
+            if dec:
+                plan = dict(ka.last_plan, threshold=dec[0]["threshold"], attached=True)
+            else:                # this mode goes to the dense code without a lookup (_route)
+                plan = {"use_kernel": False, "threshold": None, "attached": True,
+                        "mode_dense": ka.dense_modes}
+        res[op] = {"times": t, "auto_plan": plan}
     return res
 
 
@@ -104,13 +121,16 @@ def main():
     ap.add_argument("--blas-threads", type=int, default=None,
                     help="OpenBLAS threads (set before NumPy loads, see _common.py)")
     a = ap.parse_args()
-    densities = [1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01]
+    densities = [1.0, 0.5, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01]
     batches = [1, 60, 10000]
     repeats = a.repeats or (5 if a.quick else 7)
     if a.quick:
-        densities = [1.0, 0.2, 0.1, 0.05, 0.02, 0.01]
+        densities = [1.0, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01]
     rng = np.random.default_rng(0)
-    print(f"# Kernel benchmark (random masks, LeNet layer shapes)\n\n{env_line()}\nmedian of {repeats} interleaved repeats; "
+    th = active_thresholds()
+    print(f"# Kernel benchmark (random masks, LeNet layer shapes)\n\n{env_line()}\nauto thresholds: "
+          f"{th.get('source')} (measured by `{th.get('command')}` on {th.get('machine')})\n"
+          f"median of {repeats} interleaved repeats; "
           "ratio = variant time / dense time (< 1 is faster); conv layers at 'batch 10000' run at 1000 "
           "(im2col of 10000 images does not fit the memory budget)\n")
     results = []
@@ -141,10 +161,19 @@ def main():
                     t = r["times"]
                     dm = t["dense"]["median"]
                     cells = [f"{100 * r['density']:g}%", f"{dm * 1e6:.0f} ({(t['dense']['q75'] - t['dense']['q25']) * 1e6:.0f})"]
-                    for v in ("csr", "csc", "compact", "auto"):
+                    for v in ("csr", "csc", "compact", "auto", "dense2"):
                         cells.append(f"{t[v]['median'] / dm:.2f}" if v in t else "-")
                     p = r["auto_plan"]
-                    cells.append(f"kernel {p['modes']}" if p.get("use_kernel") else "dense")
+                    if not p.get("attached"):
+                        cells.append("dense (no threshold for this shape)")
+                    elif p.get("all_dense"):
+                        cells.append("dense (above every threshold of this shape)")
+                    elif p.get("mode_dense"):
+                        cells.append(f"dense (above every {p['mode_dense']} threshold of this shape)")
+                    else:
+                        thr = "no entry" if p["threshold"] is None else f"<= {100 * p['threshold']:g}%"
+                        cells.append(("kernel " + p["modes"] if p["use_kernel"] else "dense")
+                                     + f" (threshold {thr})")
                     rows.append(cells)
                 # crossover: highest density from which the best sparse variant (csr/csc/compact; auto
                 # excluded -- it IS dense above the crossover) beats dense all the way down
@@ -163,21 +192,31 @@ def main():
                     else:
                         break
                 worst_auto = max(r["times"]["auto"]["median"] / r["times"]["dense"]["median"] for r in rs)
+                noise = max(abs(r["times"]["dense2"]["median"] / r["times"]["dense"]["median"] - 1) for r in rs)
                 summary.append({"layer": spec[0], "op": op, "batch": b, "crossover_best": cross,
-                                "crossover_csr": csr_cross, "auto_worst_ratio": worst_auto})
+                                "crossover_csr": csr_cross, "auto_worst_ratio": worst_auto,
+                                "noise": noise})
                 print(f"## {spec[0]} {op} batch {b}\n")
-                print(md_table(["density", "dense us (IQR)", "csr", "csc", "compact", "auto", "auto chose"], rows))
+                print(md_table(["density", "dense us (IQR)", "csr", "csc", "compact", "auto",
+                                "dense again (noise)", "auto chose"], rows))
                 print(f"\ncrossover (sparse beats dense from this density down): best-variant "
                       f"{'none' if cross is None else f'{100 * cross:g}%'}, csr "
-                      f"{'none' if csr_cross is None else f'{100 * csr_cross:g}%'}; auto worst ratio {worst_auto:.2f}\n")
+                      f"{'none' if csr_cross is None else f'{100 * csr_cross:g}%'}; auto worst ratio "
+                      f"{worst_auto:.2f}; dense-vs-dense noise up to {100 * noise:.0f}%\n")
     print("## Summary\n")
-    print(md_table(["layer", "op", "batch", "crossover (best)", "crossover (csr)", "auto worst ratio"],
+    print(md_table(["layer", "op", "batch", "crossover (best)", "crossover (csr)", "auto worst ratio",
+                    "dense-vs-dense noise"],
                    [[s["layer"], s["op"], s["batch"],
                      "none" if s["crossover_best"] is None else f"{100 * s['crossover_best']:g}%",
                      "none" if s["crossover_csr"] is None else f"{100 * s['crossover_csr']:g}%",
-                     f"{s['auto_worst_ratio']:.2f}"] for s in summary]))
+                     f"{s['auto_worst_ratio']:.2f}", f"{100 * s['noise']:.0f}%"] for s in summary]))
+    over = [s for s in summary if s["auto_worst_ratio"] > 1.05]
+    print(f"\nauto > 1.05x dense in {len(over)} of {len(summary)} (layer, op, batch) tables"
+          + "".join(f"; {s['layer']} {s['op']} b{s['batch']}: {s['auto_worst_ratio']:.2f} "
+                    f"(noise {100 * s['noise']:.0f}%)" for s in over))
     torch_res = torch_compare(a.quick, repeats) if a.torch else None
     p = save_json("kernels.json", {"env": env_info(), "masks": "random", "repeats": repeats,
+                                   "auto_thresholds": {k: v for k, v in th.items() if k != "measurements"},
                                    "results": results, "summary": summary, "torch": torch_res})
     plot(results)
     print(f"\nwrote {p} and {RESULTS / 'kernels.png'}")

@@ -11,8 +11,12 @@ Variants (each trains its own copy from the same weights, masks and data order; 
 in a rotating order):
 * ``dense``: masked dense kernels + the dense optimiser (``compact=False``) -- the pre-issue-4 path;
 * ``dense+copt``: masked dense kernels + the compact optimiser (nprune.optim's default now);
-* ``auto``: ``set_kernel("auto")`` + the compact optimiser.
-Speedups are against ``dense``. Inference: ``model.forward(x_test[:10000], train=False)``.
+* ``auto``: ``set_kernel("auto")`` + the compact optimiser: per layer, the sparse kernel iff the
+  mask density is <= the threshold of the thresholds table in use (the user's calibration from
+  ``python -m nprune.sparse --calibrate`` if any, else the shipped table) -- a lookup, no timing;
+* ``dense+copt again``: ``dense+copt`` a second time, to show the noise floor of the comparison.
+Speedups are against ``dense``; "auto / dense+copt" isolates the kernels (same optimiser).
+Inference: ``model.forward(x_test[:10000], train=False)``.
 
 Usage: python benchmarks/sparse_train.py [--quick] [--blas-threads N] [--data-dir /work/shared/data/mnist]
 Writes benchmarks/results/sparse_train.json and sparse_train.png.
@@ -57,11 +61,14 @@ def main():
     steps = 200 if a.quick else 600
     blocks = 4 if a.quick else 6
     iters_round = 150 if a.quick else 500
+    from nprune.sparse import active_thresholds
+    th = active_thresholds()
     print(f"# Training-level benchmark (IMP masks from magnitude pruning of trained weights)\n\n{env_line()}\n"
           f"s/epoch = time per step (median of {blocks} interleaved blocks of {steps // blocks} steps, "
-          f"dense and auto alternating) x {per_epoch} steps; accuracy: test accuracy after {steps} steps "
-          f"from the same weights with the same data order; 'auto one-off ms': extra time of auto's first "
-          f"training step under new masks (its side-by-side measurement of each layer; once per mask)\n")
+          f"variants in rotating order) x {per_epoch} steps; accuracy: test accuracy after {steps} steps "
+          f"from the same weights with the same data order; 'auto first-step extra ms': extra time of "
+          f"auto's first training step under new masks (buffers, structures; once per mask)\n"
+          f"auto thresholds: {th.get('source')} (measured by `{th.get('command')}`)\n")
     out = {"env": env_info(), "levels": []}
     for net in a.nets.split(","):
         model = nets.build(net, np.random.default_rng(0))
@@ -86,7 +93,7 @@ def main():
             w0 = model.get_weights()
             idx_all = list(batches(n_train, 60, steps, np.random.default_rng(rnd)))
             per_block = steps // blocks
-            variants = ("dense", "dense+copt", "auto")
+            variants = ("dense", "dense+copt", "auto", "dense+copt again")
             times = {v: [] for v in variants}
             accs = {}
             # interleaved blocks: each variant trains its own copy of the weights with its own Adam
@@ -97,8 +104,8 @@ def main():
                 m.set_weights(w0)
                 m.set_kernel("auto" if choice == "auto" else "dense")
                 models[choice] = (m, Adam(m, 1.2e-3, compact=False if choice == "dense" else None))
-            # one warm-up step each, timed: for auto it includes the one-off measurement of every
-            # layer under the new masks (reported separately; steady state below)
+            # one warm-up step each, timed (first-call costs: buffers, the kernels' structures and
+            # auto's table lookups; reported separately; steady state below)
             warm_idx = list(batches(n_train, 60, 1, np.random.default_rng(1000 + rnd)))
             first = {}
             for choice in variants:
@@ -107,7 +114,7 @@ def main():
                 train_steps(m, o, data, warm_idx)
                 first[choice] = time.perf_counter() - t0
             for b in range(blocks):
-                order = variants[b % 3:] + variants[:b % 3]
+                order = variants[b % len(variants):] + variants[:b % len(variants)]
                 for choice in order:
                     m, o = models[choice]
                     t0 = time.perf_counter()
@@ -115,7 +122,7 @@ def main():
                     times[choice].append((time.perf_counter() - t0) / per_block)
             for choice in variants:
                 accs[choice] = models[choice][0].evaluate(data.x_test, data.y_test)[1]
-            # inference at batch 10,000 (first call of auto = its one-off measurement)
+            # inference at batch 10,000 (two untimed warm-up calls each)
             xt = data.x_test[:10000]
             inf = {"dense": [], "auto": []}
             for choice in ("dense", "auto"):
@@ -128,19 +135,24 @@ def main():
                     inf[choice].append(time.perf_counter() - t0)
             td, ta = np.median(times["dense"]) * per_epoch, np.median(times["auto"]) * per_epoch
             tc = np.median(times["dense+copt"]) * per_epoch
+            tc2 = np.median(times["dense+copt again"]) * per_epoch
             calib = first["auto"] - np.median(times["auto"])
             idn, ia = np.median(inf["dense"]), np.median(inf["auto"])
             from nprune.sparse import kernel_report
             rep = kernel_report(models["auto"][0])
             chosen = ", ".join(
-                f"{r['layer']}:" + "/".join(("S" if v["use"] else "D") for _, v in sorted(r["decisions"].items()))
+                f"{r['layer']}:" + ("none" if r["kernel"] == "dense" else "dense" if r["dense_everywhere"]
+                                    else "/".join(("S" if v["use"] else "D")
+                                                  for _, v in sorted(r["decisions"].items())))
                 for r in rep)
             rows.append([rnd, f"{100 * left:.1f}%", f"{td:.2f}", f"{tc:.2f}", f"{ta:.2f}", f"{td / ta:.2f}x",
+                         f"{ta / tc:.3f}", f"{tc2 / tc:.3f}",
                          f"{accs['dense']:.4f}", f"{accs['auto']:.4f}", f"{10000 / idn:.0f}", f"{10000 / ia:.0f}",
                          f"{idn / ia:.2f}x", f"{calib * 1e3:.0f}", chosen])
             out["levels"].append({"net": net, "round": rnd, "weights_left": float(left),
                                   "epoch_s_dense": float(td), "epoch_s_auto": float(ta),
                                   "epoch_s_dense_compact_opt": float(tc), "acc_dense_copt": accs["dense+copt"],
+                                  "epoch_s_dense_compact_opt_again": float(tc2),
                                   "auto_first_step_extra_s": float(calib), "first_step_s": first,
                                   "acc_dense": accs["dense"], "acc_auto": accs["auto"],
                                   "infer_s_dense": float(idn), "infer_s_auto": float(ia),
@@ -149,8 +161,10 @@ def main():
             print(f"  {net} round {rnd}: {100 * left:.1f}% left, epoch {td:.2f}s dense vs {ta:.2f}s auto", flush=True)
         print(f"\n## {net}\n")
         print(md_table(["round", "weights left", "s/epoch dense", "s/epoch dense+copt", "s/epoch auto",
-                        "epoch speedup (auto)", "acc dense", "acc auto", "infer img/s dense", "infer img/s auto",
-                        "infer speedup", "auto one-off ms", "auto per layer (S=sparse, D=dense; per batch class/mode)"], rows))
+                        "epoch speedup (auto)", "auto / dense+copt", "dense+copt again / dense+copt (noise)",
+                        "acc dense", "acc auto", "infer img/s dense", "infer img/s auto",
+                        "infer speedup", "auto first-step extra ms",
+                        "auto per layer (S=sparse, D=dense per batch class/mode; dense: above every threshold of the shape; none: no threshold for the shape)"], rows))
         print()
     p = save_json("sparse_train.json", out)
     import matplotlib

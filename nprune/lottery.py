@@ -67,7 +67,9 @@ def rewind_iteration(name: str) -> int | None:
 @dataclass(frozen=True)
 class Recipe:
     """Everything that determines the numbers of one (seed, strategy, round). Hashed into the run
-    folder's name. ``rates`` maps layer names to the fraction of survivors pruned per round."""
+    folder's name. ``rates`` maps layer names to the fraction of survivors pruned per round.
+    The layer kernel is not part of it (an execution detail, like the BLAS thread count; see
+    :meth:`IMP.kernel_thresholds`)."""
     net: str = "lenet300"
     dataset: str = "mnist"
     init: str = "glorot_normal"
@@ -152,6 +154,32 @@ class IMP:
         self.data = data
         self.progress = progress
         self.kernel = kernel
+        self._thresholds = None
+
+    def kernel_thresholds(self, save: bool = True) -> dict | None:
+        """The thresholds table of ``kernel="auto"`` (None for other kernels).
+
+        The kernel is an execution detail, not part of the recipe (its hash): like the BLAS thread
+        count it changes only the last float32 bits. What fixes auto's choices is its thresholds
+        table, so the first run of a folder saves the table in use
+        (:func:`nprune.sparse.active_thresholds`) as ``kernel_thresholds.json`` (atomically), and
+        every later run of the folder -- a resume, more seeds or rounds -- uses the saved table,
+        whatever the user's calibration says by then: a resumed run makes the same kernel choices
+        and gives the same bits. ``save=False`` only reads (and validates)."""
+        if self.kernel != "auto":
+            return None
+        if self._thresholds is None:
+            from .sparse import THRESHOLDS_FILE, active_thresholds, load_thresholds
+            path = self.dir / THRESHOLDS_FILE
+            if path.exists():
+                self._thresholds = load_thresholds(path)
+            else:
+                table = active_thresholds()
+                if not save:
+                    return table
+                atomic_write_json(path, {k: v for k, v in table.items() if k != "measurements"})
+                self._thresholds = load_thresholds(path)
+        return self._thresholds
 
     # ----- paths ---------------------------------------------------------------------------------
     def seed_dir(self, seed: int) -> Path:
@@ -169,7 +197,7 @@ class IMP:
     def build(self, seed: int):
         model = nets.build(self.recipe.net, stream(seed, INIT), init=self.recipe.init)
         if self.kernel is not None and hasattr(model, "set_kernel"):
-            model.set_kernel(self.kernel)
+            model.set_kernel(self.kernel, thresholds=self.kernel_thresholds())
         return model
 
     def init_weights(self, seed: int, model=None) -> dict:

@@ -26,19 +26,36 @@ Values are re-gathered from the weights on every forward (one ``np.take`` of nnz
 optimisers may update the weights in place; index structures are rebuilt only on a mask change.
 
 Choice per layer (:func:`apply_kernel`): ``dense`` (``layer.kernel = None``: the masked dense code in
-layers.py), ``sparse`` (always the kernel) or ``auto``: per layer, per batch-size class (1, <= 256,
-larger) and mode (train/eval), the first call *measures* dense vs kernel side by side on that input
-and keeps the kernel only if it was faster by a clear margin (``AUTO_MARGIN``); decisions are cached
-and forgotten when the mask changes (see :class:`_KernelBase`). Dense is therefore the default
-everywhere the sparse path does not pay -- in practice conv layers, small layers and densities above
-~5-10%. Measured crossover densities: ``benchmarks/kernels.py``.
+layers.py), ``sparse`` (always the kernel) or ``auto``. ``auto`` is a table lookup, not a timing:
+each layer uses the kernel iff its mask's density (nonzeros / size, computed when the mask changes)
+is <= the *threshold* stored for its shape (:func:`shape_key`: ``Dense 784x300``, ``Conv2D
+20x50x5x5 stride 1 pad 0 input 12x12``), batch class (``1``, ``small`` <= 256, ``large``) and mode
+(``train`` without dx, ``train_dx``, ``eval``); shapes or entries not in the table (or null) run
+dense, and a layer whose shape has no threshold at all gets no kernel. The choice therefore depends
+only on the table, the shapes and the masks -- the same seed gives the same bits every time, and a
+resumed experiment the same bits as an uninterrupted one (:meth:`nprune.lottery.IMP.kernel_thresholds`
+keeps the table of a run folder's first run in the folder).
+
+The thresholds are measured once per machine: ``python -m nprune.sparse --calibrate`` times the
+kernel and the dense path side by side on every layer shape of :mod:`nprune.nets` at a grid of
+random-mask densities (``CAL_DENSITIES``), batch sizes (``CAL_BATCHES``) and 1 and all BLAS threads
+(:func:`measure_thresholds`); an entry's threshold is the highest density below which the kernel is
+at least 10% faster (``AUTO_MARGIN``) everywhere, so that ``auto`` is never measurably slower than
+dense. It writes ``$XDG_CACHE_HOME/nprune/kernel_thresholds.json`` (default ``~/.cache/nprune/``),
+which ``auto`` then uses instead of :data:`SHIPPED_THRESHOLDS` (measured on the development
+machine, see there); ``--show`` prints the table in use. A malformed file raises
+:class:`ThresholdsError` (one line naming the file). Measured crossovers per layer and batch:
+``benchmarks/kernels.py``.
 
 The training-step speedup at high sparsity also needs the optimiser to skip pruned entries: see the
 compact path of :mod:`nprune.optim` (on by default for masks at <= 50% density).
 """
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy.sparse import _sparsetools as _st
@@ -51,14 +68,24 @@ __all__ = [
     "ConvKernelSparse",
     "SparseMatrix",
     "apply_kernel",
+    "auto_kernel",
     "kernel_report",
     "calibrate",
+    "calibrate_thresholds",
+    "measure_thresholds",
+    "active_thresholds",
+    "load_thresholds",
+    "check_thresholds",
+    "user_thresholds_path",
+    "shape_key",
+    "ThresholdsError",
+    "SHIPPED_THRESHOLDS",
     "COST",
     "AUTO_MARGIN",
 ]
 
 # Conv2D cost model: seconds per multiply-add / per element / per call; measured with
-# ``python -m nprune.sparse --calibrate`` (used only to pick compact vs CSR per conv product).
+# ``python -m nprune.sparse --cost-model`` (used only to pick compact vs CSR per conv product).
 COST = {
     "gemm_fma": 8.7e-12,      # BLAS sgemm, 2 threads, per multiply-add (large enough matrices)
     "gemm_call": 4.0e-6,      # fixed cost of one np.matmul call (+ Python around it)
@@ -69,14 +96,18 @@ COST = {
     "copy_elem": 5.8e-10,     # gather/transposing copy, per element
     "copy_call": 3.0e-6,
 }
-# auto keeps the kernel only if its measured median time is <= AUTO_MARGIN x the dense median
-# (see _KernelBase), over AUTO_REPEATS interleaved rounds of ~CAL_TARGET seconds, on <= CAL_MAX samples.
+# Threshold calibration (measure_thresholds): the kernel must take <= AUTO_MARGIN x the dense time
+# (paired median ratio and best times over CAL_REPEATS interleaved blocks of ~CAL_TARGET seconds)
+# at a density, and at every lower density of CAL_DENSITIES, for that density to be the threshold.
 AUTO_MARGIN = 0.9
-AUTO_REPEATS = 5
-CAL_TARGET = 0.002
-CAL_MAX = 2048
-# calibration stops early once one path is CAL_CLEAR times faster than the other
-CAL_CLEAR = 2.0
+CAL_REPEATS = 7
+CAL_TARGET = 0.003
+CAL_DENSITIES = (0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05, 0.06,
+                 0.07, 0.085, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 1.0)
+# batch sizes measured per batch class (the class's threshold is the minimum over them); conv layers
+# are measured at a smaller 'large' batch (their im2col columns grow 25x faster than the input)
+CAL_BATCHES = {"1": (1,), "small": (16, 64, 256), "large": (1024, 4096)}
+CAL_BATCHES_CONV = {"1": (1,), "small": (16, 64, 256), "large": (512,)}
 # Dense-kernel inference batches larger than this run in column chunks of CHUNK samples (keeps the
 # transposed input block and the output block in cache); measured best on the development machine.
 CHUNK = 512
@@ -239,29 +270,191 @@ def _batch_class(n: int) -> str:
     return "1" if n <= 1 else ("small" if n <= 256 else "large")
 
 
+# ------------------------------------------------------------------------------------------------
+# auto: per-layer thresholds (measured once per machine, looked up at run time)
+# ------------------------------------------------------------------------------------------------
+
+THRESHOLDS_FORMAT = "nprune-kernel-thresholds/1"
+BATCH_CLASSES = ("1", "small", "large")            # batch sizes 1, 2..256, > 256 (_batch_class)
+AUTO_MODES = ("train", "train_dx", "eval")          # training step without / with dx; inference
+THRESHOLDS_FILE = "kernel_thresholds.json"
+
+
+class ThresholdsError(ValueError):
+    """A kernel-thresholds table that cannot be used; the message is one line naming the file."""
+
+
+def shape_key(layer, x_shape=None) -> str:
+    """The table key of a layer: ``Dense 784x300`` (in x out) or ``Conv2D 20x50x5x5 stride 1 pad 0
+    input 12x12`` (C x F x kh x kw, and the input's H x W when ``x_shape`` is given)."""
+    if isinstance(layer, Dense):
+        return f"Dense {layer.in_features}x{layer.out_features}"
+    if isinstance(layer, Conv2D):
+        s = (f"Conv2D {layer.in_channels}x{layer.out_channels}x{layer.kh}x{layer.kw} "
+             f"stride {layer.stride} pad {layer.padding}")
+        return s if x_shape is None else f"{s} input {x_shape[-2]}x{x_shape[-1]}"
+    raise TypeError(f"no kernel for {type(layer).__name__}")
+
+
+def mode_key(train: bool, need_dx: bool) -> str:
+    return "eval" if not train else ("train_dx" if need_dx else "train")
+
+
+def user_thresholds_path() -> Path:
+    """Where ``python -m nprune.sparse --calibrate`` writes and ``auto`` looks first:
+    ``$XDG_CACHE_HOME/nprune/kernel_thresholds.json`` (default ``~/.cache/nprune/...``; the same
+    cache root as :func:`nprune.datasets.cache_dir`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or ""
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    return root / "nprune" / THRESHOLDS_FILE
+
+
+def check_thresholds(obj, where: str) -> dict:
+    """Validate a thresholds table (``{"format": ..., "thresholds": {shape: {batch class: {mode:
+    density or null}}}, ...}``); returns it, or raises :class:`ThresholdsError` naming ``where``."""
+    def bad(msg):
+        raise ThresholdsError(f"kernel thresholds file {where}: {msg}; fix or delete it, or rerun "
+                              f"'python -m nprune.sparse --calibrate'")
+    if not isinstance(obj, dict):
+        bad(f"expected a JSON object, got {type(obj).__name__}")
+    if obj.get("format") != THRESHOLDS_FORMAT:
+        bad(f"'format' must be {THRESHOLDS_FORMAT!r}, got {obj.get('format')!r}")
+    table = obj.get("thresholds")
+    if not isinstance(table, dict):
+        bad("'thresholds' must be an object {layer shape: {batch class: {mode: density or null}}}")
+    for shape, classes in table.items():
+        if not isinstance(classes, dict):
+            bad(f"{shape!r}: expected an object keyed by batch class (1, small, large)")
+        for c, modes in classes.items():
+            if c not in BATCH_CLASSES:
+                bad(f"{shape!r}: unknown batch class {c!r} (expected 1, small or large)")
+            if not isinstance(modes, dict):
+                bad(f"{shape!r} {c}: expected an object keyed by mode (train, train_dx, eval)")
+            for m, v in modes.items():
+                if m not in AUTO_MODES:
+                    bad(f"{shape!r} {c}: unknown mode {m!r} (expected train, train_dx or eval)")
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                      or not 0.0 <= v <= 1.0):
+                    bad(f"{shape!r} {c} {m}: a threshold is a density in [0, 1] or null, got {v!r}")
+    return obj
+
+
+def load_thresholds(path) -> dict:
+    """Read and validate a thresholds JSON file (:class:`ThresholdsError` if it is unusable)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ThresholdsError(f"kernel thresholds file {path}: not UTF-8 text; fix or delete it, or "
+                              f"rerun 'python -m nprune.sparse --calibrate'") from None
+    except OSError as e:
+        raise ThresholdsError(f"kernel thresholds file {path}: cannot read it "
+                              f"({e.strerror or e})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ThresholdsError(f"kernel thresholds file {path}: not valid JSON ({e.msg} at line "
+                              f"{e.lineno} column {e.colno}); fix or delete it, or rerun "
+                              f"'python -m nprune.sparse --calibrate'") from None
+    return check_thresholds(obj, str(path))
+
+
+_ACTIVE: dict = {}
+
+
+def active_thresholds() -> dict:
+    """The table ``auto`` uses unless given one: the user's calibration
+    (:func:`user_thresholds_path`) if that file exists, else :data:`SHIPPED_THRESHOLDS`. The
+    returned dict has a ``source`` entry (the file, or ``shipped``). Re-read when the file changes."""
+    p = user_thresholds_path()
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return SHIPPED_THRESHOLDS
+    except OSError as e:
+        raise ThresholdsError(f"kernel thresholds file {p}: cannot read it "
+                              f"({e.strerror or e})") from None
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    if _ACTIVE.get("key") != key:
+        _ACTIVE["table"] = dict(load_thresholds(p), source=str(p))
+        _ACTIVE["key"] = key
+    return _ACTIVE["table"]
+
+
+def lookup_threshold(table: dict, shape: str, batch_class: str, mode: str):
+    """The largest density at which ``auto`` uses the kernel (None: never)."""
+    return table.get("thresholds", {}).get(shape, {}).get(batch_class, {}).get(mode)
+
+
+def _may_use_kernel(table: dict, layer) -> bool:
+    """False when the table never uses the kernel for this layer's shape (any batch, mode, input)."""
+    key = shape_key(layer)
+    for shape, classes in table.get("thresholds", {}).items():
+        if shape == key or (isinstance(layer, Conv2D) and shape.startswith(key + " input ")):
+            if any(v is not None for modes in classes.values() for v in modes.values()):
+                return True
+    return False
+
+
+# The shipped thresholds, measured on the development machine -- Intel Xeon (AVX-512), 2 cores,
+# OpenBLAS 0.3.31, NumPy 2.4.6, SciPy 1.17.1, Python 3.11.7, shared with other jobs (load average
+# 5.4-5.6 on the 2 cores) -- by ``python -m nprune.sparse --calibrate --runs 2`` (6.7 min; the
+# entry-wise minimum of two measurements). Per layer shape and batch class: the thresholds of
+# (train, train_dx, eval); None = never the kernel.
+_SHIPPED = {
+    "Dense 784x300": {"1": (0.12, 0.1, 0.01), "small": (0.03, 0.025, 0.04),
+                      "large": (None, 0.002, 0.045)},
+    "Dense 300x100": {"1": (0.12, 0.085, None), "small": (0.01, 0.035, 0.02),
+                      "large": (0.03, 0.015, 0.01)},
+    "Dense 100x10": {"1": (None, None, None), "small": (None, None, None),
+                     "large": (0.002, 0.005, None)},
+    "Dense 800x500": {"1": (0.12, 0.1, 0.015), "small": (0.03, 0.025, 0.04),
+                      "large": (None, 0.005, 0.025)},
+    "Dense 500x10": {"1": (0.002, None, None), "small": (None, None, None),
+                     "large": (None, 0.002, None)},
+    "Conv2D 1x20x5x5 stride 1 pad 0 input 28x28": {
+        "1": (None, None, None), "small": (0.005, 0.01, 0.002), "large": (0.01, 0.01, 0.002)},
+    "Conv2D 20x50x5x5 stride 1 pad 0 input 12x12": {
+        "1": (0.02, 0.005, 0.035), "small": (None, None, 0.002), "large": (None, None, None)},
+}
+SHIPPED_THRESHOLDS = {
+    "format": THRESHOLDS_FORMAT,
+    "source": "shipped",
+    "command": "python -m nprune.sparse --calibrate --runs 2",
+    "machine": "Intel Xeon (AVX-512), 2 cores, OpenBLAS 0.3.31, NumPy 2.4.6, SciPy 1.17.1, "
+               "shared (load ~5.5)",
+    "margin": 0.9,
+    "thresholds": {shape: {c: dict(zip(AUTO_MODES, v)) for c, v in classes.items()}
+                   for shape, classes in _SHIPPED.items()},
+}
+
+
 class _KernelBase:
     """Common logic: structure rebuild on mask change and the ``auto`` decision.
 
-    ``auto`` (measured, not modelled): the first time a layer sees a (batch class, train, need_dx)
+    ``auto`` (looked up, not timed): the first time a layer sees a (batch class, train, need_dx)
     combination under the current mask -- batch classes ``1``, ``small`` (<= 256) and ``large`` --
-    it times the dense masked path and the kernel on that very input (at most ``CAL_MAX`` samples),
-    ``AUTO_REPEATS`` interleaved rounds each (forward, plus backward on a random gradient in training
-    mode; stopping early once one path is ``CAL_CLEAR`` x faster), and keeps the kernel only if its
-    median is <= ``AUTO_MARGIN`` x the dense median. The
-    decision is cached (``self.decisions``) and forgotten when the mask changes. Costs: a few
-    milliseconds per layer and mask (tens of ms for a batch-10,000 inference), once per mask. Because dense is the
-    default and the kernel must *win* a side-by-side measurement, ``auto`` is never slower than dense
-    by more than the measurement noise.
+    it looks up the threshold of its shape (:func:`shape_key`; conv with the input's H x W), batch
+    class and mode (:func:`mode_key`) in the thresholds table and uses the kernel iff the mask's
+    density (nonzeros / size, computed when the mask changes) is <= that threshold; a missing entry
+    or null means dense. The decision is cached (``self.decisions``) and forgotten when the mask
+    changes. The choice depends only on the table, the shapes and the mask, never on timing, so a
+    run and its resumption (with the same table) make the same choices and the same float32 bits.
+    Where auto runs dense it costs one dict lookup per call (~0.2 us: a few % of a batch-1
+    inference of a small Dense layer, nothing measurable elsewhere), and nothing at all when the
+    density is above every threshold of the shape (:meth:`_route`).
     """
 
-    def __init__(self, layer, policy: str = "sparse", modes: dict | None = None):
+    def __init__(self, layer, policy: str = "sparse", modes: dict | None = None,
+                 thresholds: dict | None = None):
         if policy not in ("sparse", "auto"):
             raise ValueError(f"policy must be 'sparse' or 'auto', got {policy!r}")
         self.policy = policy
         self.forced = dict(modes) if modes else None
-        self._calibrating = False
+        self.table = (thresholds if thresholds is not None else active_thresholds()) \
+            if policy == "auto" else None
         self.decisions: dict = {}
-        self._fast: dict = {}       # (n, train, need_dx) -> decision, for a cheap lookup per call
+        self._reset_fast()
         self._last = None
         self._setup(layer)
         self.mask_changed(layer)
@@ -269,20 +462,88 @@ class _KernelBase:
     def _setup(self, layer) -> None:
         pass
 
+    def _reset_fast(self) -> None:
+        self._fast_t: dict = {}
+        self._fast_e: dict = {}
+        self._fast_dx = None
+
+    @staticmethod
+    def _fast_key(x):
+        return x.shape[0]
+
+    def _input_key(self, x) -> tuple:
+        return ()
+
+    def _route(self, layer) -> None:
+        """``auto`` on a Dense layer: skip the per-call lookup where the table cannot choose the
+        kernel at this density. Above every threshold of the shape (any batch class and mode),
+        ``forward``/``backward`` become the plain dense functions (instance attributes shadowing
+        the methods): exactly the dense code, no dispatch at all (``all_dense``). Above every
+        eval (or every training) threshold only, ``forward`` becomes a small function that sends
+        that mode straight to the dense code (``dense_modes``). On small layers at batch 1 the
+        ~0.2 us of a lookup would be 5-10% of the work. Redone on every mask change."""
+        self.__dict__.pop("forward", None)
+        self.__dict__.pop("backward", None)
+        self.all_dense, self.dense_modes = False, None
+        if self.policy != "auto" or not isinstance(layer, Dense):
+            return
+        classes = list(self.table.get("thresholds", {}).get(shape_key(layer), {}).values())
+
+        def never(modes):
+            return all(m.get(k) is None or self.density > m[k] for m in classes for k in modes)
+        dense_fwd = type(layer).dense_forward
+        if never(AUTO_MODES):
+            self.all_dense, self.dense_modes = True, "all"
+            self.forward = dense_fwd
+            self.backward = type(layer).dense_backward
+            return
+        lookup_fwd = type(self).forward.__get__(self)
+        if never(("eval",)):
+            self.dense_modes = "eval"
+
+            def forward(layer, x, train=True):
+                if train:
+                    return lookup_fwd(layer, x, train)
+                return dense_fwd(layer, x, train)     # no cache: backward follows a train forward
+            self.forward = forward
+        elif never(("train", "train_dx")):
+            self.dense_modes = "train"
+
+            def forward(layer, x, train=True):
+                if not train:
+                    return lookup_fwd(layer, x, train)
+                self._cache = _DENSE
+                return dense_fwd(layer, x, train)
+            self.forward = forward
+
     # -- auto ------------------------------------------------------------------------------------
     def _decide(self, layer, x, train: bool) -> bool:
         n = x.shape[0]
-        if self.policy == "sparse" or self._calibrating:
+        if self.policy == "sparse":
             use = True
         else:
-            key = (_batch_class(n), bool(train), bool(layer.need_dx))
+            key = (_batch_class(n), bool(train), bool(layer.need_dx)) + self._input_key(x)
             d = self.decisions.get(key)
             if d is None:
-                d = self.decisions[key] = self._calibrate(layer, x, train)
+                d = self.decisions[key] = self._lookup(layer, x, train)
             use = d["use"]
-            self._fast[(n, train, layer.need_dx)] = use
+            # the fast path's cache: (samples or input shape) -> (n, train, use), per train/eval; the
+            # train entries are for one need_dx (cleared when it changes)
+            if train:
+                if layer.need_dx != self._fast_dx:
+                    self._fast_t, self._fast_dx = {}, layer.need_dx
+                self._fast_t[self._fast_key(x)] = (n, True, use)
+            else:
+                self._fast_e[self._fast_key(x)] = (n, False, use)
         self._last = (n, train, use)
         return use
+
+    def _lookup(self, layer, x, train: bool) -> dict:
+        shape = shape_key(layer, x.shape)
+        cls, mode = _batch_class(x.shape[0]), mode_key(train, layer.need_dx)
+        thr = lookup_threshold(self.table, shape, cls, mode)
+        return {"use": thr is not None and self.density <= thr, "threshold": thr,
+                "density": float(self.density), "shape": shape, "batch_class": cls, "mode": mode}
 
     @property
     def last_plan(self) -> dict:
@@ -294,63 +555,6 @@ class _KernelBase:
 
     def _modes_str(self) -> str:
         return "sparse"
-
-    def _calibrate(self, layer, x, train: bool) -> dict:
-        xs = x[:CAL_MAX] if x.shape[0] > CAL_MAX else x
-        saved_cache = layer._cache
-        layer.kernel = None
-        try:
-            y = layer.forward(xs, train=False)
-            rng = np.random.default_rng(0)
-            # a gradient in the memory order the sparse path produces (feature-major)
-            dout = np.asarray(rng.standard_normal(y.shape[::-1]), layer.dtype).T if y.ndim == 2 \
-                else np.asarray(rng.standard_normal(y.shape), layer.dtype)
-
-            def dense():
-                layer.kernel = None
-                layer.forward(xs, train)
-                if train:
-                    layer.backward(dout)
-
-            def kern():
-                layer.kernel = self
-                self._calibrating = True
-                try:
-                    self.forward(layer, xs, train)
-                    if train:
-                        self.backward(layer, dout)
-                finally:
-                    self._calibrating = False
-
-            arms = {"dense": dense, "kernel": kern}
-            ts = {k: [] for k in arms}
-            # one probe call each (also warms both paths) sets the number of calls per round
-            for k in ("dense", "kernel"):
-                t0 = time.perf_counter()
-                arms[k]()
-                ts[k].append(time.perf_counter() - t0)
-            slow = max(ts["dense"][0], ts["kernel"][0])
-            number = max(1, min(50, int(CAL_TARGET / max(slow, 1e-7))))
-            for r in range(AUTO_REPEATS):
-                # early exit: a factor CAL_CLEAR apart is not noise (saves most of the cost of
-                # calibrating a dense layer, whose kernel may be 20x slower)
-                if r >= 1 and (min(ts["kernel"]) > CAL_CLEAR * min(ts["dense"])
-                               or min(ts["dense"]) > CAL_CLEAR * min(ts["kernel"])):
-                    break
-                for k in (("dense", "kernel") if r % 2 == 0 else ("kernel", "dense")):
-                    f = arms[k]
-                    t0 = time.perf_counter()
-                    for _ in range(number):
-                        f()
-                    ts[k].append((time.perf_counter() - t0) / number)
-            if len(ts["dense"]) > 2:           # drop the probes (cold) when rounds were run
-                ts = {k: v[1:] for k, v in ts.items()}
-        finally:
-            layer.kernel = self
-            layer._cache = saved_cache
-            self._cache = None
-        tk, td = float(np.median(ts["kernel"])), float(np.median(ts["dense"]))
-        return {"use": tk <= AUTO_MARGIN * td, "t_kernel": tk, "t_dense": td, "samples": xs.shape[0]}
 
     # -- hook entry points ------------------------------------------------------------------------
     def forward(self, layer, x, train=True):
@@ -398,17 +602,19 @@ class DenseKernelSparse(_KernelBase):
     def _modes_str(self):
         return f"csr/dx-{self.dx_mode}/sddmm"
 
-    # auto's dense branch runs the code of Dense.forward/backward inline (same operations, same
-    # results) instead of re-entering the layer: at batch 1 the whole dense product takes 2-10 us and
-    # every microsecond of dispatch shows.
+    # auto's dense branch calls the layer's dense code directly after one dict lookup (the cached
+    # decision for this batch size and mode): at batch 1 a small dense product takes 2-10 us and
+    # every 100 ns of dispatch shows.
     def forward(self, layer, x, train=True):
-        if type(x) is not np.ndarray:
-            x = np.asarray(x)
-        if self._fast.get((x.shape[0], train, layer.need_dx)) is False:
-            self._last = (x.shape[0], train, False)
-            self._cache = _DENSE
-            return layer.dense_forward(x, train)
-        return self._forward(layer, x, train)
+        try:
+            t = (self._fast_t if train else self._fast_e)[x.shape[0]]
+        except (KeyError, AttributeError):
+            return self._forward(layer, x, train)
+        if t[2] or (train and layer.need_dx != self._fast_dx):
+            return self._forward(layer, x, train)
+        self._last = t
+        self._cache = _DENSE
+        return layer.dense_forward(x, train)
 
     def backward(self, layer, dout):
         if self._cache is _DENSE:
@@ -441,7 +647,9 @@ class DenseKernelSparse(_KernelBase):
         self._bufs = {}
         self._cache = None
         self.decisions = {}
-        self._fast = {}
+        self._reset_fast()
+        self._last = None
+        self._route(layer)
 
     def _buf(self, key, size):
         """A reused flat float32 buffer of at least ``size`` elements."""
@@ -547,8 +755,9 @@ class ConvKernelSparse(_KernelBase):
     ``W.reshape(F, C*kh*kw) @ cols`` with the filter matrix compacted (dead filters and dead
     (channel, tap) columns dropped) and/or sparse. Each product's method (``compact`` GEMM on the
     live block or ``sparse`` CSR) comes from the cost model of :meth:`SparseMatrix.plan` unless
-    forced by ``modes``; whether to use the kernel at all under ``auto`` is measured (see
-    :class:`_KernelBase`) -- in practice conv falls back to dense except at very low densities."""
+    forced by ``modes``; whether to use the kernel at all under ``auto`` is looked up in the
+    thresholds table (see :class:`_KernelBase`) -- in practice conv runs dense except at very low
+    densities."""
 
     def _setup(self, layer):
         self.sm = SparseMatrix(self._flat(layer))
@@ -561,10 +770,34 @@ class ConvKernelSparse(_KernelBase):
         self._plans = {}
         self._cache = None
         self.decisions = {}
-        self._fast = {}
+        self._reset_fast()
+        self._last = None
+        self._route(layer)
 
     def _modes_str(self):
         return "/".join(self._last_modes[k] for k in ("fwd", "dx", "dw")) if getattr(self, "_last_modes", None) else "?"
+
+    def _input_key(self, x) -> tuple:
+        return tuple(x.shape[2:])        # the table's conv keys include the input's H x W
+
+    @staticmethod
+    def _fast_key(x):
+        return x.shape
+
+    def forward(self, layer, x, train=True):
+        try:
+            t = (self._fast_t if train else self._fast_e)[x.shape]
+        except (KeyError, AttributeError):
+            return self._forward(layer, x, train)
+        if t[2] or (train and layer.need_dx != self._fast_dx):
+            return self._forward(layer, x, train)
+        self._last = t
+        self._cache = _DENSE
+        layer.kernel = None
+        try:
+            return layer.forward(x, train)
+        finally:
+            layer.kernel = self
 
     def _plan(self, layer, M: int, train: bool) -> dict:
         key = (M, train, layer.need_dx)
@@ -606,17 +839,16 @@ class ConvKernelSparse(_KernelBase):
             x = x.astype(layer.dtype)
         if x.ndim != 4 or x.shape[1] != layer.in_channels:
             raise ValueError(f"Conv2D expects (N, {layer.in_channels}, H, W), got {x.shape}")
-        n, f, oh, ow = layer.output_shape(x.shape)
-        m = n * oh * ow
-        modes = self._plan(layer, m, train)
         if not self._decide(layer, x, train):
-            self._cache = ("dense",)
+            self._cache = _DENSE
             k = layer.kernel
             layer.kernel = None
             try:
                 return layer.forward(x, train)
             finally:
                 layer.kernel = k
+        n, f, oh, ow = layer.output_shape(x.shape)
+        modes = self._plan(layer, n * oh * ow, train)
         sm = self.sm
         self._refresh(layer, modes, train)
         cols = im2col(x, layer.kh, layer.kw, layer.stride, layer.padding)
@@ -672,52 +904,330 @@ class ConvKernelSparse(_KernelBase):
         return col2im(dcols, x_shape, layer.kh, layer.kw, layer.stride, layer.padding)
 
 
-def _kernel_for(layer, policy, modes=None):
+def _kernel_for(layer, policy, modes=None, thresholds=None):
     if isinstance(layer, Dense):
-        return DenseKernelSparse(layer, policy, modes)
+        return DenseKernelSparse(layer, policy, modes, thresholds)
     if isinstance(layer, Conv2D):
-        return ConvKernelSparse(layer, policy, modes)
+        return ConvKernelSparse(layer, policy, modes, thresholds)
     return None
 
 
-def apply_kernel(model, choice: str = "auto", modes: dict | None = None) -> None:
+def apply_kernel(model, choice: str = "auto", modes: dict | None = None,
+                 thresholds: dict | None = None) -> None:
     """Set the kernel of every Dense/Conv2D layer of ``model``.
 
     ``choice``: ``dense`` (``layer.kernel = None``), ``sparse`` (always the kernel), ``auto`` (the
-    kernel measures, per layer, batch-size class, mode and mask, whether its products beat the dense
-    code, and hands over to the dense code unless they do; see :class:`_KernelBase`).
+    kernel is used iff the layer's mask density is <= the threshold for its shape, batch class and
+    mode in ``thresholds`` -- a table as written by ``python -m nprune.sparse --calibrate``; default
+    :func:`active_thresholds` -- else the dense code runs; see :class:`_KernelBase`). Under ``auto``
+    a layer whose shape has no threshold at all gets no kernel (exactly the dense code, no dispatch).
     ``modes`` (tests/benchmarks) forces methods: Conv2D ``{"fwd": "compact"|"sparse", "dx":
     "compact"|"sparse"|"csc", "dw": "compact"|"sparse"}``; Dense only reads ``{"dx": "csr"|"csc"}``.
     A layer without a mask is also given the kernel (``sparse``: compact == dense GEMM there).
     """
     if choice not in ("dense", "sparse", "auto"):
         raise ValueError(f"kernel choice must be dense, sparse or auto, got {choice!r}")
+    table = None
+    if choice == "auto":
+        table = active_thresholds() if thresholds is None else \
+            check_thresholds(thresholds, thresholds.get("source", "(given table)")
+                             if isinstance(thresholds, dict) else "(given table)")
     for layer in model.layers:
         if not isinstance(layer, (Dense, Conv2D)):
             continue
         if choice == "dense":
             layer.kernel = None
+        elif choice == "auto":
+            layer.kernel = auto_kernel(layer, table, modes)
         else:
             layer.kernel = _kernel_for(layer, choice, modes)
 
 
+def auto_kernel(layer, thresholds: dict | None = None, modes: dict | None = None):
+    """What ``auto`` attaches to ``layer``: an ``auto`` kernel following ``thresholds`` (default
+    :func:`active_thresholds`), or None (the dense code, no dispatch at all) when the table has no
+    threshold for the layer's shape in any batch class or mode."""
+    table = active_thresholds() if thresholds is None else thresholds
+    return _kernel_for(layer, "auto", modes, table) if _may_use_kernel(table, layer) else None
+
+
 def kernel_report(model) -> list[dict]:
-    """Per kernel-carrying layer: density, live rows/cols of ``A`` and the plan of its last forward
-    (use_kernel, methods per product, predicted kernel vs dense seconds)."""
+    """Per Dense/Conv2D layer: ``kernel`` (dense / sparse / auto), mask density, the ``auto``
+    decisions so far (``"small/train_dx": {"use", "threshold", "density", "shape", ...}``),
+    ``dense_everywhere`` (auto, Dense: the density is above every threshold of the shape, so the
+    plain dense code runs, undecorated), ``dense_without_lookup`` (auto, Dense: the modes -- all,
+    eval or train -- sent to the dense code without a lookup, hence without a decision or plan
+    entry) and the plan of its last forward through the lookup (samples, train, use_kernel,
+    methods per product)."""
     out = []
     for name, layer in zip(model.names, model.layers):
+        if not isinstance(layer, (Dense, Conv2D)):
+            continue
         k = getattr(layer, "kernel", None)
         if not isinstance(k, _KernelBase):
+            m = layer.masks.get("W")
+            out.append(dict(layer=name, kernel="dense", use_kernel=False, decisions={},
+                            density=1.0 if m is None else float(np.count_nonzero(m) / m.size)))
             continue
-        out.append(dict(layer=name, density=float(k.density), decisions={
-            f"{c}/{'train' if t else 'eval'}": dict(v, use=bool(v["use"]))
-            for (c, t, _), v in k.decisions.items()}, **k.last_plan))
+        out.append(dict(dict(layer=name, kernel=k.policy, density=float(k.density),
+                             dense_everywhere=bool(getattr(k, "all_dense", False)),
+                             dense_without_lookup=getattr(k, "dense_modes", None),
+                             use_kernel=False, decisions={
+            f"{key[0]}/{mode_key(key[1], key[2])}" + ("" if len(key) == 3 else
+                                                       " input " + "x".join(map(str, key[3:]))):
+            dict(v, use=bool(v["use"])) for key, v in k.decisions.items()}), **k.last_plan))
     return out
 
 
 # ------------------------------------------------------------------------------------------------
-# Calibration
+# Calibration: the auto thresholds (python -m nprune.sparse --calibrate) and the conv cost model
 # ------------------------------------------------------------------------------------------------
+
+def calibration_layers(net_names=None) -> list[dict]:
+    """Every distinct Dense/Conv2D layer (by :func:`shape_key`, with its input size) of the networks
+    of :mod:`nprune.nets`: ``{"key", "net", "name", "layer", "in_shape", "first"}`` (``first``: the
+    network's first parametrised layer, which gets the images in C order and needs no dx)."""
+    from . import nets
+    out, seen = [], set()
+    for net in (net_names or nets.NETS):
+        model = nets.build(net, np.random.default_rng(0))
+        x = np.zeros((1, 1, 28, 28), _F32)
+        first = True
+        for name, layer in zip(model.names, model.layers):
+            if isinstance(layer, (Dense, Conv2D)):
+                key = shape_key(layer, x.shape)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(dict(key=key, net=net, name=name, layer=layer,
+                                    in_shape=tuple(x.shape[1:]), first=first))
+                first = False
+            x = layer.forward(x, train=False)
+    return out
+
+
+def _blas_threads():
+    """([thread counts to measure], threadpool_limits or None): 1 and all cores when threadpoolctl
+    is importable (the threshold must hold for --jobs 1 and --jobs N alike), else the current."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return [None], None
+    n = os.cpu_count() or 1
+    return ([1, n] if n > 1 else [1]), threadpool_limits
+
+
+def _cal_inputs(layer, spec, n, rng):
+    """Input and upstream gradient in the memory order the layer sees inside its network: C-ordered
+    images for a first layer; batch-last (C, H, W, N) for an inner conv; C order for an inner Dense
+    (the order a dense predecessor produces; a sparse predecessor's F order only helps the kernel)."""
+    shape = (n,) + tuple(spec["in_shape"])
+    if isinstance(layer, Conv2D):
+        if spec["first"]:
+            x = rng.random(shape, dtype=_F32)
+        else:
+            x = rng.random(shape[1:] + (n,), dtype=_F32).transpose(3, 0, 1, 2)
+        _, f, oh, ow = layer.output_shape(shape)
+        dout = rng.standard_normal((f, oh, ow, n), dtype=_F32).transpose(3, 0, 1, 2)
+    else:
+        x = rng.random(shape, dtype=_F32)
+        dout = rng.standard_normal((n, layer.out_features), dtype=_F32)
+    return x, dout
+
+
+def _time_pair(layer, kernel, x, dout, train, threads, limits, repeats) -> dict:
+    """{threads: {"kernel": s/call, "dense": s/call, "ratio": r}} for a forward (plus backward when
+    ``train``): ``repeats`` rounds, each a block of ~CAL_TARGET seconds of either path back to back
+    (order alternating); times are the fastest block's, ``ratio`` the median over rounds of kernel
+    block / dense block of the same round -- both robust to other jobs stealing the CPU. Stops early
+    once the two are a factor 2 apart in every round."""
+    import contextlib
+
+    def run(k):
+        layer.kernel = k
+        layer.forward(x, train)
+        if train:
+            layer.backward(dout)
+
+    out = {}
+    try:
+        for t in threads:
+            ctx = limits(limits=t, user_api="blas") if (limits and t) else contextlib.nullcontext()
+            with ctx:
+                arms = (("dense", None), ("kernel", kernel))
+                probe = {}
+                for name, k in arms:
+                    run(k)                          # warm-up (buffers, caches)
+                    t0 = time.perf_counter()
+                    run(k)
+                    probe[name] = time.perf_counter() - t0
+                number = max(1, min(200, int(CAL_TARGET / max(max(probe.values()), 1e-7))))
+                ts = {"dense": [], "kernel": []}
+                for r in range(repeats):
+                    for name, k in (arms if r % 2 == 0 else arms[::-1]):
+                        t0 = time.perf_counter()
+                        for _ in range(number):
+                            run(k)
+                        ts[name].append((time.perf_counter() - t0) / number)
+                    if r >= 2 and (max(ts["kernel"]) < 0.5 * min(ts["dense"])
+                                   or min(ts["kernel"]) > 2.0 * max(ts["dense"])):
+                        break
+                ratios = np.array(ts["kernel"]) / np.array(ts["dense"])
+                out[t] = {"kernel": float(min(ts["kernel"])), "dense": float(min(ts["dense"])),
+                          "ratio": float(np.median(ratios))}
+    finally:
+        layer.kernel = None
+    return out
+
+
+def _passes(res: dict) -> bool:
+    """The kernel is clearly faster: by AUTO_MARGIN in the paired ratio and in the best times, at
+    every thread count measured."""
+    return all(v["ratio"] <= AUTO_MARGIN and v["kernel"] <= AUTO_MARGIN * v["dense"]
+               for v in res.values())
+
+
+def measure_thresholds(specs=None, densities=CAL_DENSITIES, batches=None, repeats=CAL_REPEATS,
+                       verbose=False, seed=0) -> tuple[dict, list]:
+    """Measure the ``auto`` thresholds on this machine. Returns (thresholds, measurements).
+
+    For each layer shape (:func:`calibration_layers`), batch class and mode, at each batch size of
+    the class (``CAL_BATCHES``; conv ``CAL_BATCHES_CONV``) the densities of ``densities`` are tried in
+    increasing order on a random mask: the kernel (``sparse``, as auto runs it) and the dense masked
+    path are timed side by side (:func:`_time_pair`) at 1 BLAS thread and at all cores, and the scan
+    stops at the first density where the kernel is not <= AUTO_MARGIN x dense at every thread count.
+    The threshold is the last density that passed (None if none did), minimised over the class's
+    batch sizes. Random masks are the kernels' worst case at a given density (IMP masks kill whole
+    rows and columns, which only helps the kernel), so the thresholds err on the dense side."""
+    threads, limits = _blas_threads()
+    rng = np.random.default_rng(seed)
+    table, meas = {}, []
+    for spec in (calibration_layers() if specs is None else specs):
+        layer, key = spec["layer"], spec["key"]
+        layer.kernel = None
+        need_dx0 = layer.need_dx
+        cls_batches = batches or (CAL_BATCHES_CONV if isinstance(layer, Conv2D) else CAL_BATCHES)
+        table[key] = {}
+        for cls in BATCH_CLASSES:
+            table[key][cls] = {}
+            for mode in AUTO_MODES:
+                train = mode != "eval"
+                layer.need_dx = mode == "train_dx" if train else not spec["first"]
+                thr, per = 1.0, {}
+                for n in cls_batches[cls]:
+                    x, dout = _cal_inputs(layer, spec, n, rng)
+                    best = None
+                    for d in densities:
+                        if d > thr:
+                            break
+                        layer.set_mask("W", rng.random(layer.params["W"].shape) < d)
+                        k = _kernel_for(layer, "sparse")
+                        res = _time_pair(layer, k, x, dout, train, threads, limits, repeats)
+                        ok = _passes(res)
+                        if not ok:                  # a failure is confirmed by a second measurement
+                            meas.append({"shape": key, "batch_class": cls, "mode": mode,
+                                         "batch": n, "density": d, "pass": ok, "retried": True,
+                                         "times": {str(t): v for t, v in res.items()}})
+                            res = _time_pair(layer, k, x, dout, train, threads, limits, repeats)
+                            ok = _passes(res)
+                        meas.append({"shape": key, "batch_class": cls, "mode": mode, "batch": n,
+                                     "density": d, "pass": ok,
+                                     "times": {str(t): v for t, v in res.items()}})
+                        if not ok:
+                            break
+                        best = d
+                    per[n] = best
+                    if best is None:
+                        thr = None
+                        break
+                    thr = min(thr, best)
+                table[key][cls][mode] = thr
+                if verbose:
+                    print(f"  {key:44s} {cls:5s} {mode:8s} " + " ".join(
+                        f"b{n}:{'-' if b is None else f'{b:g}'}" for n, b in per.items())
+                        + f"  => {'never' if thr is None else f'{thr:g}'}", flush=True)
+        layer.set_mask("W", None)
+        layer.need_dx = need_dx0
+    return table, meas
+
+
+def _machine() -> dict:
+    import platform
+    import scipy
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "scipy": scipy.__version__}
+    try:
+        from threadpoolctl import threadpool_info
+        pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        if pools:
+            info["blas"] = f"{pools[0].get('internal_api')} {pools[0].get('version')}"
+            info["blas_threads_default"] = pools[0].get("num_threads")
+    except ImportError:
+        pass
+    if hasattr(os, "getloadavg"):
+        info["load_avg_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    return info
+
+
+def _min_merge(a: dict, b: dict) -> dict:
+    """Entry-wise the more conservative of two threshold tables (None = never wins)."""
+    out = {}
+    for shape in a.keys() | b.keys():
+        out[shape] = {}
+        for c in BATCH_CLASSES:
+            ma, mb = a.get(shape, {}).get(c, {}), b.get(shape, {}).get(c, {})
+            out[shape][c] = {m: (None if ma.get(m) is None or mb.get(m) is None
+                                 else min(ma[m], mb[m])) for m in AUTO_MODES}
+    return out
+
+
+def calibrate_thresholds(path=None, quick: bool = False, runs: int = 1,
+                         verbose: bool = True) -> Path:
+    """Measure the ``auto`` thresholds (:func:`measure_thresholds`, ``runs`` times, keeping the
+    smallest threshold of each entry; a few minutes per run) and write them as JSON to ``path``
+    (default :func:`user_thresholds_path`, which ``auto`` then uses). Returns the path."""
+    from .runs import atomic_write_json
+    path = Path(path) if path is not None else user_thresholds_path()
+    machine = _machine()
+    t0 = time.perf_counter()
+    kw = dict(repeats=5) if quick else {}
+    table, meas = None, []
+    for r in range(max(1, runs)):
+        if verbose and runs > 1:
+            print(f"run {r + 1} of {runs}", flush=True)
+        t, m = measure_thresholds(verbose=verbose, seed=r, **kw)
+        table = t if table is None else _min_merge(table, t)
+        meas += [dict(x, run=r) for x in m]
+    if hasattr(os, "getloadavg"):
+        machine["load_avg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    obj = {"format": THRESHOLDS_FORMAT, "machine": machine,
+           "command": "python -m nprune.sparse --calibrate" + (" --quick" if quick else "")
+           + (f" --runs {runs}" if runs > 1 else ""),
+           "margin": AUTO_MARGIN, "densities": list(CAL_DENSITIES),
+           "batches": {"dense": CAL_BATCHES, "conv": CAL_BATCHES_CONV},
+           "seconds": round(time.perf_counter() - t0, 1), "thresholds": table, "measurements": meas}
+    check_thresholds(obj, str(path))
+    atomic_write_json(path, obj)
+    return path
+
+
+def format_thresholds(table: dict) -> str:
+    """The table as text: one line per layer shape, ``class: train/train_dx/eval`` thresholds."""
+    lines = [f"source: {table.get('source', '?')}"]
+    for shape, classes in table["thresholds"].items():
+        cells = []
+        for c in BATCH_CLASSES:
+            modes = classes.get(c, {})
+            cells.append(f"{c}: " + "/".join("-" if modes.get(m) is None else f"{modes[m]:g}"
+                                             for m in AUTO_MODES))
+        lines.append(f"  {shape:44s} " + "  ".join(cells))
+    return "\n".join(lines)
+
 
 def _median_time(fn, repeat=7, number=20):
     ts = []
@@ -766,10 +1276,40 @@ def calibrate(verbose: bool = False) -> dict:
     return res
 
 
-if __name__ == "__main__":  # pragma: no cover
+def main(argv=None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(description="nprune.sparse utilities")
-    ap.add_argument("--calibrate", action="store_true", help="measure the COST constants")
-    a = ap.parse_args()
-    if a.calibrate:
-        calibrate(verbose=True)
+    import sys
+    ap = argparse.ArgumentParser(
+        prog="python -m nprune.sparse",
+        description="Kernel thresholds of --kernel auto: --calibrate measures them on this machine "
+                    f"(a few minutes) and writes them to {user_thresholds_path()} (or --out), which "
+                    "auto then uses instead of the shipped table; --show prints the table in use.")
+    ap.add_argument("--calibrate", action="store_true", help="measure the auto thresholds")
+    ap.add_argument("--out", help="write the thresholds here instead of the user cache")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (noisier, faster)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="measure this many times and keep the smallest threshold of each entry "
+                         "(noisy machines)")
+    ap.add_argument("--show", action="store_true", help="print the thresholds auto uses now")
+    ap.add_argument("--cost-model", action="store_true",
+                    help="measure and print the conv cost-model constants (COST)")
+    a = ap.parse_args(argv)
+    try:
+        if a.calibrate:
+            p = calibrate_thresholds(a.out, quick=a.quick, runs=a.runs, verbose=True)
+            print(format_thresholds(dict(load_thresholds(p), source=str(p))))
+            print(f"wrote {p}")
+        if a.show:
+            print(format_thresholds(active_thresholds()))
+        if a.cost_model:
+            calibrate(verbose=True)
+        if not (a.calibrate or a.show or a.cost_model):
+            ap.print_help()
+    except ThresholdsError as e:
+        print(f"nprune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,14 +1,28 @@
-"""nprune.sparse: sparse/compacted kernels give the dense masked path's results (no timing here)."""
+"""nprune.sparse: sparse/compacted kernels give the dense masked path's results; auto follows its
+thresholds table (no timing here)."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
-from nprune import nets
+from nprune import nets, sparse
 from nprune.layers import Conv2D, Dense
 from nprune.optim import SGD, Adam
-from nprune.sparse import (ConvKernelSparse, DenseKernelSparse, SparseMatrix, apply_kernel,
-                           kernel_report)
+from nprune.sparse import (ConvKernelSparse, DenseKernelSparse, SparseMatrix, ThresholdsError,
+                           apply_kernel, kernel_report)
+
+
+@pytest.fixture(autouse=True)
+def _no_user_thresholds(tmp_path, monkeypatch):
+    """Hermetic: no user calibration file (auto uses the shipped table unless a test gives one)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+def table(entries: dict) -> dict:
+    """A thresholds table from ``{shape: {class: {mode: threshold}}}``."""
+    return {"format": sparse.THRESHOLDS_FORMAT, "source": "test", "thresholds": entries}
 
 MODES = [
     None,  # default (Dense: CSR + SDDMM, dX by the CSR of W; Conv2D: cost-model choice per product)
@@ -199,34 +213,219 @@ def test_apply_kernel_choices():
         apply_kernel(model, "fast")
 
 
-def test_auto_decision_is_measured_cached_and_reset_on_mask_change():
-    # no timing assertion: only that auto measures once per (batch class, mode), caches the
-    # decision, forgets it when the mask changes, and gives the dense path's results either way
+def test_auto_follows_the_table_cached_and_reset_on_mask_change():
+    # auto uses the kernel iff the mask density <= the table's threshold for (shape, batch class,
+    # mode); missing entries and null mean dense; decisions are cached and forgotten on mask change
     rng = np.random.default_rng(9)
     layer = Dense(784, 300, rng)
+    t = table({"Dense 784x300": {"small": {"train_dx": 0.05, "eval": None},
+                                 "1": {"eval": 0.05}}})
     layer.set_mask("W", rng.random((784, 300)) < 0.02)
-    layer.kernel = DenseKernelSparse(layer, "auto")
+    layer.kernel = k = DenseKernelSparse(layer, "auto", thresholds=t)
     x = rng.random((60, 784)).astype(np.float32)
     dout = rng.standard_normal((60, 300)).astype(np.float32)
     y = np.array(layer.forward(x))
     layer.backward(dout)
     gw = layer.grads["W"].copy()
-    k = layer.kernel
-    assert list(k.decisions) == [("small", True, True)]
     d = k.decisions[("small", True, True)]
-    assert d["t_kernel"] > 0 and d["t_dense"] > 0 and d["use"] == (d["t_kernel"] <= 0.9 * d["t_dense"])
-    assert k.last_plan["use_kernel"] == d["use"]
-    layer.forward(x[:30])                      # same class: no new measurement
+    assert d["use"] and d["threshold"] == 0.05 and d["shape"] == "Dense 784x300"
+    assert d["mode"] == "train_dx" and abs(d["density"] - 0.02) < 0.002
+    assert k.last_plan["use_kernel"] and isinstance(k._cache, tuple) and k._cache[0] == "sparse"
+    layer.forward(x[:30])                                   # same class: cached
     assert len(k.decisions) == 1
-    layer.forward(x, train=False)
-    layer.forward(x[:1], train=False)
-    assert set(k.decisions) == {("small", True, True), ("small", False, True), ("1", False, True)}
-    ref = _run(layer, x, dout, None)
+    layer.forward(x, train=False)                           # small/eval: null -> dense
+    assert not k.last_plan["use_kernel"]
+    layer.forward(x[:1], train=False)                       # 1/eval: 0.05 -> kernel
+    assert k.last_plan["use_kernel"]
+    layer.forward(np.concatenate([x] * 5), train=False)     # large/eval: missing -> dense
+    assert not k.last_plan["use_kernel"]
+    layer.need_dx = False
+    layer.forward(x)                                        # small/train (no dx): missing -> dense
+    assert not k.last_plan["use_kernel"]
+    assert {key: v["use"] for key, v in k.decisions.items()} == {
+        ("small", True, True): True, ("small", False, True): False, ("1", False, True): True,
+        ("large", False, True): False, ("small", True, False): False}
+    layer.need_dx = True
+    ref = _run(layer, x, dout, None)                        # the kernel's results = dense path's
     _close(y, ref[0])
     _close(gw, ref[2])
     layer.kernel = k
-    layer.set_mask("W", rng.random((784, 300)) < 0.5)
-    assert k.decisions == {}
+    assert not k.all_dense
+    layer.set_mask("W", rng.random((784, 300)) < 0.5)       # above every threshold: plain dense
+    assert k.decisions == {} and k.all_dense
+    assert k.forward is Dense.dense_forward and k.backward is Dense.dense_backward
+    y = np.array(layer.forward(x))
+    assert k.decisions == {} and k._cache is None
+    layer.kernel = None
+    np.testing.assert_array_equal(y, layer.forward(x))      # the very same code
+    layer.kernel = k
+    layer.set_mask("W", rng.random((784, 300)) < 0.01)      # below again: the lookup is back
+    assert not k.all_dense and "forward" not in vars(k)
+    layer.forward(x)
+    assert k.decisions[("small", True, True)]["use"]
+
+
+@pytest.mark.parametrize("dense_mode", ["eval", "train"])
+def test_auto_sends_a_mode_without_thresholds_straight_to_dense(dense_mode):
+    # no threshold reaches this density for one mode: that mode skips the lookup (plain dense
+    # code); the other mode still follows the table
+    rng = np.random.default_rng(19)
+    layer = Dense(50, 30, rng)
+    layer.set_mask("W", rng.random((50, 30)) < 0.05)
+    modes = {"train": 0.1, "train_dx": 0.1} if dense_mode == "eval" else {"eval": 0.1}
+    layer.kernel = k = DenseKernelSparse(layer, "auto", thresholds=table(
+        {"Dense 50x30": {"small": dict(modes, **{m: 0.01 for m in sparse.AUTO_MODES if m not in modes})}}))
+    assert k.dense_modes == dense_mode and not k.all_dense
+    x = rng.standard_normal((7, 50)).astype(np.float32)
+    dout = rng.standard_normal((7, 30)).astype(np.float32)
+    y_eval = np.array(layer.forward(x, train=False))
+    y, dx, gw, gb = _run(layer, x, dout, k)
+    assert set(key[1] for key in k.decisions) == {dense_mode == "eval"}    # only the other mode
+    assert k.decisions and all(v["use"] for v in k.decisions.values())
+    ref = _run(layer, x, dout, None)
+    if dense_mode == "train":
+        for a, b in zip((y, dx, gw, gb), ref):
+            np.testing.assert_array_equal(a, b)                # the very same code
+    else:
+        layer.kernel = None
+        np.testing.assert_array_equal(y_eval, layer.forward(x, train=False))
+        for a, b in zip((y, dx, gw, gb), ref):
+            _close(a, b)
+
+
+def test_auto_through_the_model_and_kernel_report():
+    rng = np.random.default_rng(16)
+    model = nets.build("lenet300", np.random.default_rng(0))
+    masks = {"fc1.W": rng.random((784, 300)) < 0.02, "fc2.W": rng.random((300, 100)) < 0.2,
+             "fc3.W": rng.random((100, 10)) < 0.02}
+    model.set_masks(masks)
+    t = table({"Dense 784x300": {"small": {"train": 0.03, "eval": 0.03}},
+               "Dense 300x100": {"small": {"train_dx": 0.1, "eval": 0.1}}})   # no fc3 entry
+    model.set_kernel("auto", thresholds=t)
+    assert model.layers[5].kernel is None                   # fc3: no threshold at all -> no kernel
+    x = rng.random((16, 1, 28, 28)).astype(np.float32)
+    model.loss_and_grads(x, rng.integers(0, 10, 16))
+    rep = {r["layer"]: r for r in kernel_report(model)}
+    assert rep["fc1"]["kernel"] == "auto" and rep["fc1"]["use_kernel"]            # 2% <= 3%
+    assert rep["fc1"]["decisions"]["small/train"]["threshold"] == 0.03
+    assert rep["fc2"]["kernel"] == "auto" and not rep["fc2"]["use_kernel"]        # 20% > 10%
+    assert rep["fc2"]["dense_everywhere"] and not rep["fc1"]["dense_everywhere"]
+    assert rep["fc3"] == {"layer": "fc3", "kernel": "dense", "use_kernel": False, "decisions": {},
+                          "density": pytest.approx(masks["fc3.W"].mean())}
+
+
+def test_auto_conv_key_includes_the_input_size():
+    rng = np.random.default_rng(17)
+    layer = Conv2D(3, 8, 3, rng, padding=1)
+    layer.set_mask("W", rng.random(layer.params["W"].shape) < 0.05)
+    key = "Conv2D 3x8x3x3 stride 1 pad 1"
+    assert sparse.shape_key(layer) == key
+    layer.kernel = k = ConvKernelSparse(layer, "auto",
+                                        thresholds=table({key + " input 9x9": {"small": {"eval": 0.1}}}))
+    x = rng.standard_normal((4, 3, 9, 9)).astype(np.float32)
+    y = layer.forward(x, train=False)
+    assert k.last_plan["use_kernel"]
+    layer.forward(rng.standard_normal((4, 3, 10, 10)).astype(np.float32), train=False)
+    assert not k.last_plan["use_kernel"]                    # 10x10 input: no entry -> dense
+    layer.kernel = None
+    _close(y, layer.forward(x, train=False))
+
+
+def _auto_train(t, steps=30):
+    rng = np.random.default_rng(18)
+    model = nets.build("lenet300", np.random.default_rng(0))
+    model.set_masks({n: rng.random(p.shape) < d for (n, p), d in zip(
+        [(n, p) for n, p in model.params().items() if n.endswith(".W")], (0.03, 0.03, 0.5))})
+    model.set_kernel("auto", thresholds=t)
+    opt = Adam(model, 1e-2)
+    x = rng.random((64, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
+    for s in range(steps):
+        model.loss_and_grads(x[(s % 4) * 16:(s % 4 + 1) * 16], y[(s % 4) * 16:(s % 4 + 1) * 16])
+        opt.step()
+    return model, model.predict(x)
+
+
+def test_auto_same_seed_same_bits_twice():
+    t = table({"Dense 784x300": {"small": {"train": 0.05, "eval": 0.05}},
+               "Dense 300x100": {"small": {"train_dx": 0.05, "eval": 0.05}}})
+    m1, z1 = _auto_train(t)
+    m2, z2 = _auto_train(t)
+    assert [r["use_kernel"] for r in kernel_report(m1)] == [True, True, False]
+    np.testing.assert_array_equal(z1, z2)
+    for n, p in m1.params().items():
+        np.testing.assert_array_equal(m2.params()[n], p)
+
+
+def test_shipped_table_is_valid_and_covers_the_nets():
+    t = sparse.SHIPPED_THRESHOLDS
+    assert sparse.check_thresholds(t, "shipped") is t and t["source"] == "shipped"
+    keys = {s["key"] for s in sparse.calibration_layers()}
+    assert keys <= set(t["thresholds"])
+    for classes in t["thresholds"].values():
+        assert set(classes) == set(sparse.BATCH_CLASSES)
+        assert all(set(m) == set(sparse.AUTO_MODES) for m in classes.values())
+    assert "machine" in t and "command" in t
+    assert sparse.active_thresholds() is t                  # no user file (fixture)
+
+
+def test_user_calibration_file_is_used(tmp_path, monkeypatch):
+    # the calibration command writes the user cache file and auto picks it up (measurement stubbed)
+    entries = {"Dense 784x300": {c: {m: 0.5 for m in sparse.AUTO_MODES} for c in sparse.BATCH_CLASSES}}
+    monkeypatch.setattr(sparse, "measure_thresholds", lambda **k: (entries, []))
+    path = sparse.calibrate_thresholds(verbose=False)
+    assert path == tmp_path / "xdg-cache" / "nprune" / "kernel_thresholds.json"
+    active = sparse.active_thresholds()
+    assert active["thresholds"] == entries and active["source"] == str(path)
+    model = nets.build("lenet300", np.random.default_rng(0))
+    model.set_masks({"fc1.W": np.random.default_rng(0).random((784, 300)) < 0.4})
+    model.set_kernel("auto")
+    model.forward(np.zeros((8, 1, 28, 28), np.float32))
+    assert [r["use_kernel"] for r in kernel_report(model)] == [True, False, False]
+
+
+def test_measure_thresholds_runs_on_a_tiny_layer():
+    # the calibration machinery end to end on a tiny shape (its numbers are not checked)
+    layer = Dense(20, 10, np.random.default_rng(0))
+    spec = {"key": "Dense 20x10", "layer": layer, "in_shape": (20,), "first": False}
+    t, meas = sparse.measure_thresholds(specs=[spec], densities=(0.1, 1.0), repeats=1,
+                                        batches={"1": (1,), "small": (4,), "large": (300,)})
+    assert set(t["Dense 20x10"]) == set(sparse.BATCH_CLASSES)
+    sparse.check_thresholds(table(t), "measured")
+    assert meas and all(m["shape"] == "Dense 20x10" for m in meas)
+    assert layer.kernel is None and layer.masks["W"] is None
+
+
+BAD_FILES = [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"format": "other", "thresholds": {}}', "'format' must be"),
+    (json.dumps({"format": "nprune-kernel-thresholds/1", "thresholds": []}), "'thresholds' must be"),
+    (json.dumps({"format": "nprune-kernel-thresholds/1",
+                 "thresholds": {"Dense 784x300": {"huge": {}}}}), "unknown batch class 'huge'"),
+    (json.dumps({"format": "nprune-kernel-thresholds/1",
+                 "thresholds": {"Dense 784x300": {"small": {"train": 1.5}}}}), "density in [0, 1]"),
+    (json.dumps({"format": "nprune-kernel-thresholds/1",
+                 "thresholds": {"Dense 784x300": {"small": {"fast": 0.1}}}}), "unknown mode 'fast'"),
+]
+
+
+@pytest.mark.parametrize("text, needle", BAD_FILES)
+def test_malformed_user_file_is_a_one_line_error(tmp_path, text, needle, capsys):
+    path = tmp_path / "xdg-cache" / "nprune" / "kernel_thresholds.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(ThresholdsError) as e:
+        sparse.active_thresholds()
+    msg = str(e.value)
+    assert str(path) in msg and needle in msg and "\n" not in msg
+    with pytest.raises(ThresholdsError):
+        nets.build("lenet300", np.random.default_rng(0)).set_kernel("auto")
+    nets.build("lenet300", np.random.default_rng(0)).set_kernel("dense")   # dense never reads it
+    assert sparse.main(["--show"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nprune: error: kernel thresholds file")
+    assert str(path) in err and "Traceback" not in err
 
 
 def test_feature_major_chain_no_copies():
