@@ -144,8 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="folder that receives one sub-folder per run")
     p.add_argument("--jobs", type=int, default=1, help="independent trainings run side by side; "
                                                       "BLAS threads per process = cores / jobs")
-    p.add_argument("--kernel", choices=["dense", "sparse", "auto"], default=None,
-                   help="layer kernels (when the sparse kernels are available)")
+    p.add_argument("--kernel", choices=["dense", "sparse", "auto"], default="auto",
+                   help="layer kernels: dense (masked dense GEMMs), sparse (always the sparse "
+                        "kernels) or auto (per layer, the sparse kernel where the mask's density is "
+                        "below the thresholds measured for its shape and batch size; see python -m "
+                        "nprune.sparse --help). A run folder keeps the thresholds of its first run "
+                        "(kernel_thresholds.json), so a resumed run makes the same choices; the "
+                        "kernel is not part of the recipe hash")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -330,9 +335,10 @@ def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bo
     run_dir = out / recipe.folder_name()
     settings = {"recipe": recipe.to_dict(), "hash_covers": "recipe only",
                 "last_plan": {"strategies": job["strategies"], "rounds": job["rounds"],
-                              "seeds": job["seeds"]}}
+                              "seeds": job["seeds"], "kernel": kernel}}
     atomic_write_json(run_dir / "settings.json", settings)
     imp = IMP(recipe, run_dir, kernel=kernel)
+    imp.kernel_thresholds()   # auto: saved in the run folder by its first run, reused afterwards
     total = _remaining_iterations(imp, job)
     if not quiet:
         print(f"run folder: {run_dir} ({total} training iterations to go)", file=sys.stderr, flush=True)
@@ -415,10 +421,16 @@ def cmd_train(argv) -> int:
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--data-dir")
     p.add_argument("--no-download", action="store_true")
-    p.add_argument("--kernel", choices=["dense", "sparse", "auto"], default=None)
+    p.add_argument("--kernel", choices=["dense", "sparse", "auto"], default="auto",
+                   help="layer kernels (see the main command's --help)")
+    p.add_argument("--evals-per-epoch", type=int, default=5,
+                   help="evaluations on validation and test per epoch; the early stop is the "
+                        "evaluation of minimum validation loss")
     a = p.parse_args(argv)
     if a.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {a.epochs}")
+    if a.evals_per_epoch < 1:
+        raise UsageError(f"--evals-per-epoch must be >= 1, got {a.evals_per_epoch}")
     base = dict(LENET300_ADAM if a.net == "lenet300" else LENET5_SGD)
     for k in ("optimizer", "lr", "momentum", "weight_decay", "batch_size"):
         if getattr(a, k) is not None:
@@ -428,17 +440,18 @@ def cmd_train(argv) -> int:
     data = prepare(load_dataset(a.dataset, data_dir=a.data_dir, download=not a.no_download),
                    n_val=a.val, seed=0)
     per_epoch = len(data.x_train) // base["batch_size"]
-    cfg = TrainConfig(iterations=a.epochs * per_epoch, eval_every=per_epoch, **base)
+    if a.evals_per_epoch > per_epoch:
+        raise UsageError(f"--evals-per-epoch {a.evals_per_epoch} exceeds the {per_epoch} steps per epoch")
+    cfg = TrainConfig(iterations=a.epochs * per_epoch, eval_every=per_epoch // a.evals_per_epoch, **base)
     model = nets.build(a.net, np.random.default_rng([a.seed, 0, 0]), init=a.init)
-    if a.kernel:
-        model.set_kernel(a.kernel)
+    model.set_kernel(a.kernel)
     print(f"{a.net} on {a.dataset}: {cfg}", flush=True)
     print("| epoch | iteration | train loss | val loss | val acc % | test acc % | elapsed s |")
     print("|---|---|---|---|---|---|---|")
     t0 = time.perf_counter()
 
     def show(it, total, r):
-        print(f"| {it // per_epoch} | {it} | {r.train_loss[-1]:.4f} | {r.val_loss[-1]:.4f} | "
+        print(f"| {it / per_epoch:.2f} | {it} | {r.train_loss[-1]:.4f} | {r.val_loss[-1]:.4f} | "
               f"{100 * r.val_acc[-1]:.2f} | {100 * r.test_acc[-1]:.2f} | {time.perf_counter() - t0:.1f} |",
               flush=True)
     res, _ = train(model, data, cfg, np.random.default_rng([a.seed, 1, 0]), progress=show)
@@ -462,6 +475,10 @@ def cmd_run(argv) -> int:
     out = Path(args.out)
     from .datasets import load_dataset
     from .report import write_report
+    # --kernel auto: a bad thresholds table (the run folder's or the user's) is reported now
+    for job in jobs:
+        imp = IMP(job["recipe"], out / job["recipe"].folder_name(), kernel=args.kernel)
+        imp.kernel_thresholds(save=False)
     # find (or download) and verify the data before anything is written
     load_dataset(args.dataset, data_dir=args.data_dir, download=not args.no_download)
     done = []
@@ -483,6 +500,7 @@ def cmd_run(argv) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from .datasets import DataError
+    from .sparse import ThresholdsError
     from .train import DivergenceError
     try:
         if argv and argv[0] == "report":
@@ -492,7 +510,7 @@ def main(argv=None) -> int:
         if argv and argv[0] == "train":
             return cmd_train(argv[1:])
         return cmd_run(argv)
-    except UsageError as e:
+    except (UsageError, ThresholdsError) as e:
         print(f"nprune: error: {e}", file=sys.stderr)
         return 2
     except (DataError, FileNotFoundError, ValueError, DivergenceError) as e:

@@ -89,3 +89,10 @@ def synthetic_splits(n_train: int = 600, n_val: int = 200, n_test: int = 200, se
 @pytest.fixture
 def synth():
     return synthetic_splits()
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_cache(tmp_path, monkeypatch):
+    """Every test gets an empty per-user cache: a kernel calibration (or anything else) in the
+    real ~/.cache/nprune must not change what a test sees."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))

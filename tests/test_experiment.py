@@ -33,6 +33,8 @@ def _cli(*args, env=None, timeout=300):
     (["--layer-rates", "fc1=2"], "rate for fc1 must be in (0, 1)"),
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--bogus"], "unrecognized arguments"),
+    (["train", "--evals-per-epoch", "0"], "--evals-per-epoch must be >= 1"),
+    (["train", "--epochs", "0"], "--epochs must be >= 1"),
 ])
 def test_flag_errors_are_one_line(args, needle, capsys):
     assert main(args) == 2
@@ -135,3 +137,83 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     for rel in files_a:
         if rel.suffix in (".npz", ".json", ".csv") and rel.name != "timing.json":
             assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+# ---------------------------------------------------------------------------------------------------
+# --kernel auto (the default): thresholds saved in the run folder, reused on resume, one-line errors
+
+def _table(value):
+    from nprune import sparse
+    return {"format": sparse.THRESHOLDS_FORMAT, "thresholds": {
+        k: {c: {m: value for m in sparse.AUTO_MODES} for c in sparse.BATCH_CLASSES}
+        for k in ("Dense 784x300", "Dense 300x100", "Dense 100x10")}}
+
+
+def _run_files(run: Path) -> dict:
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and p.name != "timing.json"
+            and p.suffix in (".npz", ".json", ".csv")}
+
+
+def test_kernel_auto_is_the_default():
+    assert build_parser().parse_args([]).kernel == "auto"
+    assert build_parser().parse_args(["--kernel", "dense"]).kernel == "dense"
+
+
+def test_auto_thresholds_saved_in_run_folder_and_reused_on_resume(tmp_path, synth, monkeypatch):
+    import json
+    monkeypatch.setattr(experiment, "_load_data", lambda recipe, d, dl: synth)
+    monkeypatch.setattr("nprune.datasets.load_dataset", lambda *a, **k: None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    user = tmp_path / "xdg" / "nprune" / "kernel_thresholds.json"
+    user.parent.mkdir(parents=True)
+    user.write_text(json.dumps(_table(0.6)))     # sparse kernels for fc layers at <= 60% density
+    base = ["--net", "lenet300", "--iterations", "20", "--eval-every", "10", "--batch-size", "32",
+            "--rate", "0.5", "--strategies", "rewind", "--quiet"]
+    assert main(base + ["--rounds", "2", "--out", str(tmp_path / "a")]) == 0      # default: auto
+    a = next((tmp_path / "a").glob("lenet300-*"))
+    saved = json.loads((a / "kernel_thresholds.json").read_text())
+    assert saved["thresholds"] == _table(0.6)["thresholds"] and saved["source"] == str(user)
+    # b: round 1, then the user recalibrates (now: never the kernel), then the run is resumed: it
+    # keeps the folder's saved table, so its files equal a's byte for byte
+    assert main(base + ["--rounds", "1", "--out", str(tmp_path / "b")]) == 0
+    user.write_text(json.dumps(_table(None)))
+    assert main(base + ["--rounds", "2", "--out", str(tmp_path / "b")]) == 0
+    b = next((tmp_path / "b").glob("lenet300-*"))
+    assert b.name == a.name                      # the kernel is not part of the recipe hash
+    assert _run_files(a) == _run_files(b)
+    # c: a fresh folder with the new table runs dense: other float32 bits from round 1 on (so the
+    # saved table is what made b equal to a)
+    assert main(base + ["--rounds", "1", "--out", str(tmp_path / "c")]) == 0
+    c = next((tmp_path / "c").glob("lenet300-*"))
+    rel = Path("seed_0", "rewind", "round_1", "final.npz")
+    assert (c / rel).read_bytes() != (a / rel).read_bytes()
+    assert (c / "seed_0" / "dense" / "final.npz").read_bytes() == \
+        (a / "seed_0" / "dense" / "final.npz").read_bytes()      # 100% density: dense either way
+
+
+def test_malformed_thresholds_file_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    bad = tmp_path / "xdg" / "nprune" / "kernel_thresholds.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{oops")
+    out = tmp_path / "o"
+    args = ["--net", "lenet300", "--out", str(out), "--data-dir", str(tmp_path / "nowhere"),
+            "--no-download"]
+    assert main(args) == 2                                        # reported before the data
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nprune: error: kernel thresholds file")
+    assert str(bad) in err and "not valid JSON" in err and "Traceback" not in err
+    assert not out.exists()
+    r = _cli(*args, env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert str(bad) in r.stderr
+    # a run folder's saved table is checked too (and wins over the user's file)
+    bad.unlink()
+    rec = resolve(build_parser().parse_args(args))[0]["recipe"]
+    saved = out / rec.folder_name() / "kernel_thresholds.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text('{"format": "nprune-kernel-thresholds/1", "thresholds": {"Dense 784x300": 3}}')
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(saved) in err and "'Dense 784x300'" in err
