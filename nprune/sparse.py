@@ -558,7 +558,17 @@ class _KernelBase:
 
     # -- hook entry points ------------------------------------------------------------------------
     def forward(self, layer, x, train=True):
-        return self._forward(layer, x, train)
+        """The layer's forward: straight to the dense code when the cached decision for this input
+        (``_fast_key``) and mode says dense, else :meth:`_forward` (decision, kernel)."""
+        try:
+            t = (self._fast_t if train else self._fast_e)[self._fast_key(x)]
+        except (KeyError, AttributeError):
+            return self._forward(layer, x, train)
+        if t[2] or (train and layer.need_dx != self._fast_dx):
+            return self._forward(layer, x, train)
+        self._last = t
+        self._cache = _DENSE
+        return self._dense_call(layer, layer.forward, x, train)
 
     def backward(self, layer, dout):
         return self._backward(layer, dout)
@@ -602,9 +612,9 @@ class DenseKernelSparse(_KernelBase):
     def _modes_str(self):
         return f"csr/dx-{self.dx_mode}/sddmm"
 
-    # auto's dense branch calls the layer's dense code directly after one dict lookup (the cached
-    # decision for this batch size and mode): at batch 1 a small dense product takes 2-10 us and
-    # every 100 ns of dispatch shows.
+    # The base class's forward, specialised: the batch size inlined as the key and the dense code
+    # called directly (no kernel swap) -- at batch 1 a small dense product takes 2-10 us and every
+    # 100 ns of dispatch shows.
     def forward(self, layer, x, train=True):
         try:
             t = (self._fast_t if train else self._fast_e)[x.shape[0]]
@@ -784,21 +794,6 @@ class ConvKernelSparse(_KernelBase):
     def _fast_key(x):
         return x.shape
 
-    def forward(self, layer, x, train=True):
-        try:
-            t = (self._fast_t if train else self._fast_e)[x.shape]
-        except (KeyError, AttributeError):
-            return self._forward(layer, x, train)
-        if t[2] or (train and layer.need_dx != self._fast_dx):
-            return self._forward(layer, x, train)
-        self._last = t
-        self._cache = _DENSE
-        layer.kernel = None
-        try:
-            return layer.forward(x, train)
-        finally:
-            layer.kernel = self
-
     def _plan(self, layer, M: int, train: bool) -> dict:
         key = (M, train, layer.need_dx)
         modes = self._plans.get(key)
@@ -841,12 +836,7 @@ class ConvKernelSparse(_KernelBase):
             raise ValueError(f"Conv2D expects (N, {layer.in_channels}, H, W), got {x.shape}")
         if not self._decide(layer, x, train):
             self._cache = _DENSE
-            k = layer.kernel
-            layer.kernel = None
-            try:
-                return layer.forward(x, train)
-            finally:
-                layer.kernel = k
+            return self._dense_call(layer, layer.forward, x, train)
         n, f, oh, ow = layer.output_shape(x.shape)
         modes = self._plan(layer, n * oh * ow, train)
         sm = self.sm
@@ -874,12 +864,7 @@ class ConvKernelSparse(_KernelBase):
         if c is None:
             raise RuntimeError("Conv2D.backward called without a preceding forward(x, train=True)")
         if c[0] == "dense":
-            k = layer.kernel
-            layer.kernel = None
-            try:
-                return layer.backward(dout)
-            finally:
-                layer.kernel = k
+            return self._dense_call(layer, layer.backward, dout)
         _, modes, x_shape, xl = c
         sm = self.sm
         f = layer.out_channels
