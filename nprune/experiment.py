@@ -63,6 +63,7 @@ PRESETS = {
 }
 
 NET_CHOICES = list(nets.NETS) + ["both"]
+INIT_CHOICES = ["glorot_normal", "glorot_uniform", "he_normal", "lecun_uniform"]
 
 
 class UsageError(Exception):
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--init", choices=["glorot_normal", "glorot_uniform", "he_normal"])
+    p.add_argument("--init", choices=INIT_CHOICES)
     p.add_argument("--finetune-lr-factor", type=float, help="finetune trains at lr times this")
     p.add_argument("--val", type=int, help="validation images held out of the training set")
     p.add_argument("--seeds", help="number of seeds (3 -> 0,1,2) or a list (0,3,7 or 0-4)")
@@ -415,7 +416,7 @@ def cmd_train(argv) -> int:
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--init", default="glorot_normal", choices=["glorot_normal", "glorot_uniform", "he_normal"])
+    p.add_argument("--init", default="glorot_normal", choices=INIT_CHOICES)
     p.add_argument("--val", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])

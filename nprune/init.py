@@ -24,6 +24,7 @@ __all__ = [
     "glorot_normal",
     "glorot_uniform",
     "he_normal",
+    "lecun_uniform",
     "zeros",
     "INITIALIZERS",
     "get_initializer",
@@ -60,6 +61,15 @@ def he_normal(rng, shape, fan_in, fan_out=None, dtype=np.float32) -> np.ndarray:
     return (rng.standard_normal(shape) * std).astype(dtype, copy=False)
 
 
+def lecun_uniform(rng, shape, fan_in, fan_out=None, dtype=np.float32) -> np.ndarray:
+    """Uniform on ``[-limit, limit)`` with ``limit = sqrt(3 / fan_in)`` (variance ``1/fan_in``);
+    ``fan_out`` is ignored. This is Caffe's ``xavier`` filler with its default ``variance_norm:
+    FAN_IN``, the initialiser of Caffe's LeNet (``examples/mnist/lenet_train_test.prototxt``)."""
+    _check(rng, fan_in, None)
+    limit = np.sqrt(3.0 / fan_in)
+    return rng.uniform(-limit, limit, size=shape).astype(dtype, copy=False)
+
+
 def zeros(rng, shape, fan_in=None, fan_out=None, dtype=np.float32) -> np.ndarray:
     """All zeros (``rng`` is accepted for a uniform signature and not used)."""
     return np.zeros(shape, dtype=dtype)
@@ -69,6 +79,7 @@ INITIALIZERS: dict[str, Callable[..., np.ndarray]] = {
     "glorot_normal": glorot_normal,
     "glorot_uniform": glorot_uniform,
     "he_normal": he_normal,
+    "lecun_uniform": lecun_uniform,
     "zeros": zeros,
 }
 

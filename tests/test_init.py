@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from nprune.init import (INITIALIZERS, get_initializer, glorot_normal, glorot_uniform, he_normal,
-                         zeros)
+                         lecun_uniform, zeros)
 
 
 @pytest.mark.parametrize("name", sorted(INITIALIZERS))
@@ -26,6 +26,14 @@ def test_glorot_uniform_std_and_bounds():
     limit = np.sqrt(6 / (784 + 300))
     assert np.abs(w).max() <= limit
     assert w.std() == pytest.approx(limit / np.sqrt(3), rel=0.02)
+
+
+def test_lecun_uniform_bounds_and_std():
+    # Caffe's xavier filler (variance_norm FAN_IN): U(-sqrt(3/fan_in), sqrt(3/fan_in)), var 1/fan_in
+    w = lecun_uniform(np.random.default_rng(0), (50, 20, 5, 5), 500, 1250)
+    limit = np.sqrt(3 / 500)
+    assert np.abs(w).max() <= limit
+    assert w.std() == pytest.approx(np.sqrt(1 / 500), rel=0.03)
 
 
 def test_he_normal_std():
