@@ -30,6 +30,7 @@ __all__ = [
     "col2im_cnhw",
     "im2col_hwn",
     "col2im_hwn",
+    "im2col_hwn_pool",
     "im2col_naive",
     "col2im_naive",
 ]
@@ -199,6 +200,54 @@ def col2im_hwn(cols: np.ndarray, xt_shape: tuple, kh: int, kw: int, stride: int 
     if pad == 0:
         return dxp
     return np.ascontiguousarray(dxp[:, pad:pad + h, pad:pad + w])
+
+
+def im2col_hwn_pool(xt: np.ndarray, kh: int, kw: int, pool: int, stride: int = 1, pad: int = 0,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`im2col_hwn` with the columns in *pool-phase order*, for a convolution whose output
+    goes straight into a ``pool x pool`` max-pool with stride ``pool`` (windows that tile it).
+
+    Inputs: as :func:`im2col_hwn`, plus ``pool`` (the output's OH and OW must be multiples of it).
+
+    Returns cols (C*kh*kw, pool*pool*OH2*OW2*N) with ``OH2 = OH // pool``, ``OW2 = OW // pool``. Rows
+    are as in :func:`im2col_hwn`; column ``q = ((a*pool + b)*OH2 + oh2)*OW2*N + ow2*N + n`` holds
+    the patch of output position ``(oh, ow) = (oh2*pool + a, ow2*pool + b)``:
+    ``cols[r, q] = x_padded[n, c, oh*stride + i, ow*stride + j]``. The columns are those of
+    :func:`im2col_hwn`, permuted so that the ``pool*pool`` members (a, b) of every pooling window sit
+    in ``pool*pool`` separate contiguous blocks: after the GEMM ``W @ cols`` -> (F, pool*pool,
+    OH2*OW2*N), the max-pool is an element-wise maximum of those blocks, each a long contiguous run
+    (in the (F, OH, OW, N) order a window member is a run of only N values).
+
+    Implementation: one space-to-depth copy of the padded input with factor ``S = pool*stride``
+    (``xs[rh, rw, c, h2, w2, n] = x_padded[n, c, S*h2 + rh, S*w2 + rw]``), after which every
+    (filter offset, window member) pair is one block copy whose rows are OW2*N contiguous values:
+    input row ``(oh2*pool + a)*stride + i = (oh2 + uh)*S + rh`` with ``(uh, rh) = divmod(a*stride + i, S)``.
+    """
+    c, h, w, n = xt.shape
+    oh = conv_output_size(h, kh, stride, pad)
+    ow = conv_output_size(w, kw, stride, pad)
+    if pool <= 0 or oh % pool or ow % pool:
+        raise ValueError(f"conv output {oh}x{ow} is not tiled by {pool}x{pool} pooling windows")
+    oh2, ow2 = oh // pool, ow // pool
+    shape = (c * kh * kw, pool * pool * oh2 * ow2 * n)
+    if out is None:
+        out = np.empty(shape, dtype=xt.dtype)
+    elif out.shape != shape or out.dtype != xt.dtype:
+        raise ValueError(f"out buffer has shape {out.shape}/{out.dtype}, expected {shape}/{xt.dtype}")
+    S = pool * stride
+    hs, ws = -(-(h + 2 * pad) // S), -(-(w + 2 * pad) // S)
+    xp = np.zeros((c, hs * S, ws * S, n), dtype=xt.dtype)
+    xp[:, pad:pad + h, pad:pad + w] = xt
+    xs = np.ascontiguousarray(xp.reshape(c, hs, S, ws, S, n).transpose(2, 4, 0, 1, 3, 5))
+    cols8 = out.reshape(c, kh, kw, pool, pool, oh2, ow2, n)
+    for i in range(kh):
+        for a in range(pool):
+            uh, rh = divmod(a * stride + i, S)
+            for j in range(kw):
+                for b in range(pool):
+                    uw, rw = divmod(b * stride + j, S)
+                    cols8[:, i, j, a, b] = xs[rh, rw, :, uh:uh + oh2, uw:uw + ow2]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

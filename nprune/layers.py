@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .im2col import col2im_hwn, conv_output_size, im2col_hwn
+from .im2col import col2im_hwn, conv_output_size, im2col_hwn, im2col_hwn_pool
 from .init import get_initializer
 
 __all__ = [
@@ -220,6 +220,29 @@ class Dense(Layer):
         return f"Dense({self.in_features}, {self.out_features}, name={self.name!r})"
 
 
+class PoolPhase:
+    """A Conv2D output handed straight to the tiling MaxPool2D after it (see ``Conv2D.pool_fuse``).
+
+    ``y`` is the GEMM result (F, s*s, OH2*OW2*N) in pool-phase order (:func:`im2col_hwn_pool`): block
+    ``k = a*s + b`` holds the window members at offset (a, b) of every ``s x s`` window. ``shape`` is
+    the (N, F, OH, OW) shape of the convolution's output; ``size`` is ``s``. Only MaxPool2D reads it."""
+
+    __slots__ = ("y", "shape", "size", "dtype")
+
+    def __init__(self, y, shape, size):
+        self.y, self.shape, self.size, self.dtype = y, tuple(shape), int(size), y.dtype
+
+
+class PoolPhaseGrad:
+    """The gradient MaxPool2D returns for a :class:`PoolPhase` input: ``dy`` (F, s*s, OH2*OW2*N) in
+    the same pool-phase order, read by the Conv2D that made the PoolPhase."""
+
+    __slots__ = ("dy",)
+
+    def __init__(self, dy):
+        self.dy = dy
+
+
 class Conv2D(Layer):
     """2-D convolution (cross-correlation, as in torch) on NCHW input.
 
@@ -238,7 +261,18 @@ class Conv2D(Layer):
     ``W*N`` values instead of ``W`` (8 for conv2 of LeNet-5); the conv/pool part of the LeNet-5 step
     went from 15.9 to 10.6 ms (single-threaded BLAS) against the batch-first, NCHW-copying version. Call ``np.ascontiguousarray`` if C order is needed.
     In training mode the columns are kept for backward (in a buffer reused across steps).
+
+    Fused pooling (``pool_fuse = s``, set by :class:`~nprune.model.Sequential` when a MaxPool2D with
+    size = stride = s follows and the layer needs no dx, i.e. conv1 of LeNet-5): the columns are built
+    in pool-phase order (:func:`~nprune.im2col.im2col_hwn_pool`) and forward returns a
+    :class:`PoolPhase` instead of an array; the MaxPool2D then pools over s*s contiguous blocks
+    and its backward returns a :class:`PoolPhaseGrad`, used here as ``dout``. Same values as the
+    unfused pair (the GEMM's columns are only permuted; tests check it), without the strided
+    per-window passes that cost most of the pool's time. Set ``pool_fuse = 0`` to switch it off.
     """
+
+    #: pool size of a fused MaxPool2D that follows (0: not fused); see the class docstring
+    pool_fuse: int = 0
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rng: np.random.Generator,
                  stride: int = 1, padding: int = 0, init: str = "glorot_normal", bias: bool = True,
@@ -294,16 +328,22 @@ class Conv2D(Layer):
         # (C, H, W, N): a free view when x came from Conv2D/MaxPool2D, else one small copy (the
         # input images: N*C*H*W values, 25x fewer than the columns for a 5x5 filter).
         xt = np.ascontiguousarray(x.transpose(1, 2, 3, 0), dtype=self.dtype)
+        s = self.pool_fuse
+        fuse = s > 1 and not self.need_dx and oh % s == 0 and ow % s == 0
         # In eval mode use a fresh buffer so a cached training batch is never overwritten.
-        cols = im2col_hwn(xt, self.kh, self.kw, self.stride, self.padding,
-                          out=self._buf("cols", (k, m)) if train else None)
+        buf = self._buf("cols", (k, m)) if train else None
+        if fuse:
+            cols = im2col_hwn_pool(xt, self.kh, self.kw, s, self.stride, self.padding, out=buf)
+        else:
+            cols = im2col_hwn(xt, self.kh, self.kw, self.stride, self.padding, out=buf)
         ymat = np.matmul(self.params["W"].reshape(f, k), cols)  # (F, OH*OW*N), fresh: the output
         if self.bias:
             ymat += self.params["b"][:, None]
-        y = ymat.reshape(f, oh, ow, n).transpose(3, 0, 1, 2)
         if train:
             self._cache = (xt.shape, cols)
-        return y
+        if fuse:
+            return PoolPhase(ymat.reshape(f, s * s, m // (s * s)), (n, f, oh, ow), s)
+        return ymat.reshape(f, oh, ow, n).transpose(3, 0, 1, 2)
 
     def backward(self, dout):
         """Inputs: dout (N, F, OH, OW), any memory order ((F, OH, OW, N) order avoids a copy).
@@ -316,7 +356,10 @@ class Conv2D(Layer):
         xt_shape, cols = self._get_cache()
         f = self.out_channels
         k, m = cols.shape
-        dt = dout.transpose(1, 2, 3, 0)  # (F, OH, OW, N)
+        if isinstance(dout, PoolPhaseGrad):  # fused pooling: columns and dout both in phase order
+            dt = dout.dy
+        else:
+            dt = dout.transpose(1, 2, 3, 0)  # (F, OH, OW, N)
         if dt.flags.c_contiguous and dt.dtype == self.dtype:
             dmat = dt.reshape(f, m)  # a view; only read below
         else:
@@ -378,7 +421,10 @@ class MaxPool2D(Layer):
 
     def forward(self, x, train=True):
         """Inputs: x (N, C, H, W). Returns y (N, C, OH, OW), x's dtype and memory order.
-        Caches x and y when ``train``."""
+        Caches x and y when ``train``. A :class:`PoolPhase` input (fused Conv2D) is pooled over its
+        contiguous phase blocks, with the same result and tie rule."""
+        if isinstance(x, PoolPhase):
+            return self._forward_phase(x, train)
         x = np.asarray(x)
         if x.ndim != 4:
             raise ValueError(f"MaxPool2D expects (N, C, H, W), got {x.shape}")
@@ -406,6 +452,8 @@ class MaxPool2D(Layer):
         All temporaries are allocated in y's memory order so every ufunc runs over contiguous rows.
         """
         x, y = self._get_cache()
+        if isinstance(x, PoolPhase):
+            return self._backward_phase(x, y, dout)
         oh, ow = y.shape[2:]
         dtype = np.result_type(x.dtype, dout.dtype)
         n, c, h, w = x.shape
@@ -432,6 +480,43 @@ class MaxPool2D(Layer):
                     dx[sl] += tmp
                 remaining ^= hit
         return dx
+
+    def _forward_phase(self, x: PoolPhase, train: bool):
+        """Max over the s*s contiguous blocks of ``x.y`` (F, s*s, M2) -> (N, C, OH2, OW2) in
+        (C, OH2, OW2, N) memory order, as the unfused path returns it."""
+        if x.size != self.size or self.stride != self.size:
+            raise ValueError(f"{self!r} got a PoolPhase for {x.size}x{x.size} windows")
+        n, c, oh, ow = x.shape
+        oh2, ow2 = oh // self.size, ow // self.size
+        blocks = x.y
+        p = np.empty((c, oh2 * ow2 * n), dtype=blocks.dtype)
+        np.maximum(blocks[:, 0], blocks[:, 1], out=p)
+        for k in range(2, blocks.shape[1]):
+            np.maximum(p, blocks[:, k], out=p)
+        if train:
+            self._cache = (x, p)
+        return p.reshape(c, oh2, ow2, n).transpose(3, 0, 1, 2)
+
+    def _backward_phase(self, x: PoolPhase, p, dout):
+        """dout (N, C, OH2, OW2) -> :class:`PoolPhaseGrad` (C, s*s, M2): each window's gradient to its
+        first maximum in row-major window order (block order k = a*s + b), as in :meth:`backward`."""
+        c = p.shape[0]
+        dt = dout.transpose(1, 2, 3, 0)                       # (C, OH2, OW2, N)
+        if not (dt.flags.c_contiguous and dt.dtype == p.dtype):
+            dt = np.ascontiguousarray(dt, dtype=p.dtype)
+        d = dt.reshape(c, -1)
+        blocks = x.y
+        dy = np.empty_like(blocks)
+        remaining = np.ones(p.shape, dtype=bool)
+        hit = np.empty(p.shape, dtype=bool)
+        last = blocks.shape[1] - 1
+        for k in range(last + 1):
+            np.equal(blocks[:, k], p, out=hit)
+            hit &= remaining
+            np.multiply(d, hit, out=dy[:, k])
+            if k < last:
+                remaining ^= hit
+        return PoolPhaseGrad(dy)
 
     def __repr__(self):
         return f"MaxPool2D(size={self.size}, stride={self.stride}, name={self.name!r})"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from nprune.im2col import (col2im, col2im_cnhw, col2im_hwn, col2im_naive, conv_output_size,
-                           im2col_hwn, im2col_naive)
+                           im2col_hwn, im2col_hwn_pool, im2col_naive)
 from nprune.layers import (Conv2D, MaxPool2D, conv2d_naive_backward, conv2d_naive_forward,
                            maxpool_naive_backward, maxpool_naive_forward)
 
@@ -73,3 +73,100 @@ def test_hwn_im2col_col2im_match_naive(n, c, h, w, kh, kw, s, p):
     np.testing.assert_allclose(dxt.transpose(3, 0, 1, 2), col2im_naive(back, x.shape, kh, kw, s, p),
                                rtol=1e-12, atol=1e-12)
     assert abs(np.vdot(got, cols) - np.vdot(x.transpose(1, 2, 3, 0), dxt)) < 1e-9  # adjoint
+
+
+# ---- fused Conv2D + tiling MaxPool2D (pool-phase order) -------------------------------------------
+
+@pytest.mark.parametrize("c,h,w,n,kh,kw,pool,s,p", [(1, 28, 28, 3, 5, 5, 2, 1, 0), (2, 13, 13, 2, 3, 3, 2, 2, 0),
+                                                    (2, 10, 10, 2, 3, 3, 2, 1, 1), (3, 11, 11, 2, 3, 3, 3, 1, 0),
+                                                    (1, 8, 6, 1, 1, 1, 2, 1, 0)])
+def test_im2col_pool_is_a_column_permutation(c, h, w, n, kh, kw, pool, s, p):
+    """Column (a*pool+b, oh2, ow2, n) of the phase-ordered columns is column (oh2*pool+a, ow2*pool+b,
+    n) of im2col_hwn, exactly."""
+    xt = np.random.default_rng(0).standard_normal((c, h, w, n))
+    ref = im2col_hwn(xt, kh, kw, s, p)
+    oh, ow = conv_output_size(h, kh, s, p), conv_output_size(w, kw, s, p)
+    want = ref.reshape(-1, oh // pool, pool, ow // pool, pool, n).transpose(0, 2, 4, 1, 3, 5)
+    got = im2col_hwn_pool(xt, kh, kw, pool, s, p)
+    np.testing.assert_array_equal(got, want.reshape(ref.shape))
+
+
+def test_im2col_pool_rejects_untiled_output():
+    with pytest.raises(ValueError, match="not tiled"):
+        im2col_hwn_pool(np.zeros((1, 9, 9, 1)), 3, 3, 2)      # 7x7 output, 2x2 windows
+
+
+def _conv_pool_pair(dtype, ties, rng):
+    from nprune.model import Sequential
+    from nprune.layers import Flatten
+    net = Sequential([("conv", Conv2D(2, 4, 3, np.random.default_rng(5), dtype=dtype)),
+                      ("pool", MaxPool2D(2)), ("flat", Flatten())])
+    conv = net.layers[0]
+    conv.params["b"][...] = rng.standard_normal(4)
+    if ties:
+        conv.params["W"][...] = np.round(conv.params["W"] * 2)
+    return net, conv
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_fused_conv_pool_matches_unfused_and_naive(ties):
+    """Sequential fuses a first-layer Conv2D with the tiling MaxPool2D after it; forward values, the
+    tie rule and the gradients equal the unfused pair and the naive oracles (float64, exact where the
+    arithmetic is: integer-valued inputs make every product and sum exact)."""
+    rng = np.random.default_rng(11)
+    net, conv = _conv_pool_pair(np.float64, ties, rng)
+    assert conv.pool_fuse == 2 and not conv.need_dx
+    x = rng.standard_normal((3, 2, 12, 12))
+    d = rng.standard_normal((3, 4 * 5 * 5))
+    if ties:                                  # flat regions: many exact ties inside pool windows
+        x, d = np.round(x), np.round(d * 4)
+        conv.params["b"][...] = np.round(conv.params["b"])
+    results = {}
+    for fuse in (2, 0):
+        conv.pool_fuse = fuse
+        out = net.forward(x, train=True)
+        net.backward(d)
+        results[fuse] = (out.copy(), conv.grads["W"].copy(), conv.grads["b"].copy())
+    (o1, w1, b1), (o0, w0, b0) = results[2], results[0]
+    if ties:
+        np.testing.assert_array_equal(o1, o0)
+        np.testing.assert_array_equal(w1, w0)
+    np.testing.assert_allclose(o1, o0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(w1, w0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b1, b0, rtol=1e-12, atol=1e-12)
+    # and against the naive oracles
+    h = conv2d_naive_forward(x, conv.params["W"], conv.params["b"])
+    np.testing.assert_allclose(o1, maxpool_naive_forward(h).reshape(3, -1), atol=1e-10)
+    dh = maxpool_naive_backward(h, d.reshape(3, 4, 5, 5))
+    _, ndW, ndb = conv2d_naive_backward(x, conv.params["W"], dh)
+    np.testing.assert_allclose(w1, ndW, atol=1e-10)
+    np.testing.assert_allclose(b1, ndb, atol=1e-10)
+
+
+def test_fused_conv_pool_float32_eval_and_train_agree():
+    """float32, as trained: the fused pair gives the unfused values (the GEMM's columns are only
+    permuted) in train and eval mode, and eval does not disturb the cached training batch."""
+    rng = np.random.default_rng(12)
+    net, conv = _conv_pool_pair(np.float32, False, rng)
+    x = rng.standard_normal((4, 2, 12, 12)).astype(np.float32)
+    d = rng.standard_normal((4, 100)).astype(np.float32)
+    out = {}
+    for fuse in (2, 0):
+        conv.pool_fuse = fuse
+        y_train = net.forward(x, train=True)
+        y_eval = net.forward(x[::-1].copy(), train=False)      # between forward and backward
+        net.backward(d)
+        out[fuse] = (y_train, y_eval, conv.grads["W"].copy())
+    np.testing.assert_allclose(out[2][0], out[0][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out[2][1], out[0][1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out[2][2], out[0][2], rtol=1e-5, atol=1e-5)
+
+
+def test_only_a_first_layer_conv_with_tiling_pool_is_fused():
+    from nprune import nets
+    m = nets.build("lenet5", np.random.default_rng(0))
+    conv1, conv2 = m.layers[0], m.layers[2]
+    assert conv1.pool_fuse == 2 and conv2.pool_fuse == 0          # conv2 needs dx: not fused
+    from nprune.model import Sequential
+    seq = Sequential([("c", Conv2D(1, 2, 3, np.random.default_rng(0))), ("p", MaxPool2D(2, stride=1))])
+    assert seq.layers[0].pool_fuse == 0                            # overlapping windows: not fused
