@@ -68,12 +68,15 @@ def profile(net, x, y, steps, warmup):
 
     pc = time.perf_counter
     whole = []
+    per_epoch = len(x) // bs
     for s in range(warmup + steps):
         keep = s >= warmup
         t = pc()
-        idx = rng.integers(0, len(x), bs)
-        np.take(x, idx, axis=0, out=xb)
-        np.take(y, idx, axis=0, out=yb)
+        if s % per_epoch == 0:
+            perm = rng.permutation(len(x))        # epochs as permutations, as train() draws them
+        idx = perm[(s % per_epoch) * bs:(s % per_epoch + 1) * bs]
+        np.take(x, idx, axis=0, out=xb, mode="clip")
+        np.take(y, idx, axis=0, out=yb, mode="clip")
         t1 = pc()
         if keep:
             rec("data gather", t1 - t)
