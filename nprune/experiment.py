@@ -418,7 +418,13 @@ def cmd_train(argv) -> int:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--init", default="glorot_normal", choices=INIT_CHOICES)
     p.add_argument("--val", type=int, default=5000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the seed of a single run")
+    p.add_argument("--seeds", help="run several seeds one after another and end with a table and "
+                                   "their mean: a count (5 -> 0..4) or a list (0,3,7 or 0-4); "
+                                   "overrides --seed")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write every run's settings, curves and early-stop figures to this "
+                        "JSON file (atomically)")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--data-dir")
     p.add_argument("--no-download", action="store_true")
@@ -428,6 +434,12 @@ def cmd_train(argv) -> int:
                    help="evaluations on validation and test per epoch; the early stop is the "
                         "evaluation of minimum validation loss")
     a = p.parse_args(argv)
+    seeds = [a.seed] if a.seeds is None else _parse_seeds(a.seeds)
+    if a.json is not None:   # fail before hours of training, not after
+        jp = Path(a.json)
+        if jp.is_dir() or not jp.parent.is_dir():
+            raise UsageError(f"--json {a.json}: " + ("is a folder" if jp.is_dir() else
+                                                     f"folder {jp.parent} does not exist"))
     if a.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {a.epochs}")
     if a.evals_per_epoch < 1:
@@ -444,22 +456,56 @@ def cmd_train(argv) -> int:
     if a.evals_per_epoch > per_epoch:
         raise UsageError(f"--evals-per-epoch {a.evals_per_epoch} exceeds the {per_epoch} steps per epoch")
     cfg = TrainConfig(iterations=a.epochs * per_epoch, eval_every=per_epoch // a.evals_per_epoch, **base)
-    model = nets.build(a.net, np.random.default_rng([a.seed, 0, 0]), init=a.init)
-    model.set_kernel(a.kernel)
-    print(f"{a.net} on {a.dataset}: {cfg}", flush=True)
-    print("| epoch | iteration | train loss | val loss | val acc % | test acc % | elapsed s |")
-    print("|---|---|---|---|---|---|---|")
-    t0 = time.perf_counter()
+    runs = []
+    for seed in seeds:
+        model = nets.build(a.net, np.random.default_rng([seed, 0, 0]), init=a.init)
+        model.set_kernel(a.kernel)
+        print(f"{a.net} on {a.dataset}, seed {seed}: {cfg}", flush=True)
+        print("| epoch | iteration | train loss | val loss | val acc % | test acc % | elapsed s |")
+        print("|---|---|---|---|---|---|---|")
+        t0 = time.perf_counter()
 
-    def show(it, total, r):
-        print(f"| {it / per_epoch:.2f} | {it} | {r.train_loss[-1]:.4f} | {r.val_loss[-1]:.4f} | "
-              f"{100 * r.val_acc[-1]:.2f} | {100 * r.test_acc[-1]:.2f} | {time.perf_counter() - t0:.1f} |",
-              flush=True)
-    res, _ = train(model, data, cfg, np.random.default_rng([a.seed, 1, 0]), progress=show)
-    print(f"best test accuracy {100 * max(res.test_acc):.2f}% ; at early stop (min val loss, iteration "
-          f"{res.early_stop_iter}) {100 * res.early_stop_test_acc:.2f}% ; final {100 * res.final_test_acc:.2f}% ; "
-          f"training {res.seconds:.1f}s")
+        def show(it, total, r):
+            print(f"| {it / per_epoch:.2f} | {it} | {r.train_loss[-1]:.4f} | {r.val_loss[-1]:.4f} | "
+                  f"{100 * r.val_acc[-1]:.2f} | {100 * r.test_acc[-1]:.2f} | {time.perf_counter() - t0:.1f} |",
+                  flush=True)
+        res, _ = train(model, data, cfg, np.random.default_rng([seed, 1, 0]), progress=show)
+        print(f"best test accuracy {100 * max(res.test_acc):.2f}% ; at early stop (min val loss, iteration "
+              f"{res.early_stop_iter}) {100 * res.early_stop_test_acc:.2f}% ; final {100 * res.final_test_acc:.2f}% ; "
+              f"training {res.seconds:.1f}s", flush=True)
+        runs.append({"seed": seed, "result": res.to_dict()})
+        if a.json:   # rewritten after every seed, so an interrupted series keeps what it finished
+            _write_train_json(a.json, a, cfg, per_epoch, runs)
+    if len(runs) > 1:
+        print(_train_summary(runs, per_epoch))
     return 0
+
+
+def _write_train_json(path, a, cfg, per_epoch, runs) -> None:
+    from .datasets import DataError
+    try:
+        atomic_write_json(path, {"net": a.net, "dataset": a.dataset, "init": a.init, "epochs": a.epochs,
+                                 "n_val": a.val, "kernel": a.kernel, "steps_per_epoch": per_epoch,
+                                 "config": cfg.__dict__, "runs": runs})
+    except OSError as err:
+        raise DataError(f"--json {path}: cannot write ({err.strerror or err})") from None
+
+
+def _train_summary(runs, per_epoch) -> str:
+    """Per-seed early-stop and final figures of ``train --seeds`` with their mean (a markdown table).
+    The early stop is the evaluation of minimum validation loss; nothing here is chosen on test."""
+    lines = ["| seed | early stop: epoch | val loss | val acc % | test acc % | final test acc % |",
+             "|---|---:|---:|---:|---:|---:|"]
+    cols = []
+    for r in runs:
+        x = r["result"]
+        row = (x["early_stop_iter"] / per_epoch, x["early_stop_val_loss"], 100 * x["early_stop_val_acc"],
+               100 * x["early_stop_test_acc"], 100 * x["final_test_acc"])
+        cols.append(row)
+        lines.append(f"| {r['seed']} | {row[0]:.2f} | {row[1]:.4f} | {row[2]:.2f} | {row[3]:.2f} | {row[4]:.2f} |")
+    m = [sum(c[i] for c in cols) / len(cols) for i in range(5)]
+    lines.append(f"| **mean of {len(cols)}** | {m[0]:.2f} | {m[1]:.4f} | {m[2]:.2f} | **{m[3]:.2f}** | {m[4]:.2f} |")
+    return "\n".join(lines)
 
 
 def cmd_presets() -> int:

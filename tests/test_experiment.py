@@ -217,3 +217,39 @@ def test_malformed_thresholds_file_is_one_line_exit_2(tmp_path, monkeypatch, cap
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(saved) in err and "'Dense 784x300'" in err
+
+
+def test_train_several_seeds_prints_a_mean_and_writes_json(tmp_path, capsys, monkeypatch):
+    """``train --seeds`` runs each seed, ends with a per-seed table and its mean, and ``--json``
+    keeps every run's curves and early-stop figures; one seed alone gives the same run as --seed."""
+    import json
+    import nprune.datasets
+    from conftest import write_tiny_dataset
+    data = write_tiny_dataset(tmp_path / "d", n_train=300, n_test=40)
+    real = nprune.datasets.load_dataset     # the tiny files are not the canonical MNIST payloads
+    monkeypatch.setattr(nprune.datasets, "load_dataset", lambda *a, **k: real(*a, **dict(k, verify=False)))
+    common = ["train", "--data-dir", str(data), "--no-download", "--val", "60", "--batch-size", "40",
+              "--epochs", "2", "--evals-per-epoch", "2", "--kernel", "dense"]
+    out = tmp_path / "runs.json"
+    assert main(common + ["--seeds", "0,2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "seed 0:" in text and "seed 2:" in text and "**mean of 2**" in text
+    rec = json.loads(out.read_text())
+    assert [r["seed"] for r in rec["runs"]] == [0, 2] and rec["steps_per_epoch"] == 6
+    r0 = rec["runs"][0]["result"]
+    assert len(r0["val_loss"]) == 4 and r0["early_stop_val_loss"] == min(r0["val_loss"])
+    i = r0["iterations"].index(r0["early_stop_iter"])
+    assert r0["early_stop_test_acc"] == r0["test_acc"][i]          # test read at the val minimum
+    mean = sum(r["result"]["early_stop_test_acc"] for r in rec["runs"]) / 2
+    assert f"**{100 * mean:.2f}**" in text
+    # the same seed alone (--seed) reproduces the first run exactly
+    single = tmp_path / "one.json"
+    assert main(common + ["--seed", "0", "--json", str(single)]) == 0
+    assert json.loads(single.read_text())["runs"][0]["result"]["val_loss"] == r0["val_loss"]
+
+
+@pytest.mark.parametrize("where, needle", [("nowhere/x.json", "does not exist"), (".", "is a folder")])
+def test_train_json_path_is_checked_before_training(tmp_path, capsys, where, needle):
+    assert main(["train", "--json", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--json" in err and needle in err
