@@ -11,11 +11,13 @@ tensors made with ``torch.from_numpy`` for torch); each epoch is a permutation f
 ``nprune.train.batches`` (the same indices for both frameworks), the last partial batch dropped. The
 torch model starts from the nprune model's initial weights. The timed loop is exactly
 ``nprune.train.train``'s inner loop (``np.take`` into buffers, ``loss_and_grads``, ``opt.step``), no
-evaluation; the time of one evaluation pass over 15,000 images (``model.evaluate`` val + test) is
-reported separately.
+evaluation; the time of one evaluation pass over 15,000 images (``model.evaluate`` val + test; the
+second of two passes in a row) is reported separately.
 
-Reported per net and framework: median seconds per epoch over ``--epochs`` epochs (after a short
-warm-up), ratio nprune/torch, achieved GEMM GFLOP/s and its fraction of the fp32 GEMM peak (2048^3,
+The two frameworks train in turns, epoch by epoch (nprune, torch, nprune, ...), so that drift of a
+shared machine hits both alike. Reported per net and framework: median seconds per epoch over
+``--epochs`` epochs (after a short warm-up), ratio nprune/torch (of the medians; also the median and
+range of the per-turn ratios), achieved GEMM GFLOP/s and its fraction of the fp32 GEMM peak (2048^3,
 measured by ``gemm_peak.peak_gflops`` in the same run), and the peak RSS of a separate child process
 that loads the data, trains the net for one epoch and evaluates (the peak resident memory of
 that child, i.e. the training process's own peak; read as ``VmHWM``, see :func:`peak_rss_mb`).
@@ -78,24 +80,28 @@ def step_flops(model, batch):
     return total
 
 
-def time_epochs(run, restart, n, bs, epochs, seed):
-    """Warm up ``run`` on 20 batches, ``restart()`` (weights and optimiser back to the start), then
-    time ``epochs`` epochs of the same seeded permutation batches; returns seconds per epoch."""
+def time_epochs(runners, n, bs, epochs, seed):
+    """Warm up every runner's ``run`` on 20 batches and ``restart()`` it (weights and optimiser back
+    to the start), then time ``epochs`` epochs of the same seeded permutation batches, the runners
+    taking turns epoch by epoch (A, B, A, B, ...) so that a machine that slows down or speeds up
+    during the run affects them alike. Returns {name: [seconds per epoch]}."""
     import numpy as np
     from nprune.train import batches
-    run(batches(n, bs, 20, np.random.default_rng(123)))  # warm-up (buffers, BLAS threads)
-    restart()
+    for r in runners.values():
+        r["run"](batches(n, bs, 20, np.random.default_rng(123)))  # warm-up (buffers, BLAS threads)
+        r["restart"]()
     rng = np.random.default_rng(seed)
-    times = []
+    times = {name: [] for name in runners}
     for _ in range(epochs):
         idxs = list(batches(n, bs, n // bs, rng))
-        t0 = time.perf_counter()
-        run(idxs)
-        times.append(time.perf_counter() - t0)
+        for name, r in runners.items():
+            t0 = time.perf_counter()
+            r["run"](idxs)
+            times[name].append(time.perf_counter() - t0)
     return times
 
 
-def time_nprune(net, data, epochs, seed=0):
+def setup_nprune(net, data, seed=0):
     import numpy as np
     from nprune.nets import build
     from nprune.optim import make_optimizer
@@ -106,7 +112,6 @@ def time_nprune(net, data, epochs, seed=0):
     x, y = data.x_train, data.y_train
     xb = np.empty((bs,) + x.shape[1:], x.dtype)
     yb = np.empty((bs,), y.dtype)
-    per_epoch = len(x) // bs
 
     def run(idxs):
         for idx in idxs:
@@ -119,13 +124,21 @@ def time_nprune(net, data, epochs, seed=0):
         model.set_weights(init)
         opt.reset()
 
-    times = time_epochs(run, restart, len(x), bs, epochs, seed)
-    t0 = time.perf_counter()
-    vl, va = model.evaluate(data.x_val, data.y_val, 5000)
-    tl, ta = model.evaluate(data.x_test, data.y_test, 5000)
-    t_eval = time.perf_counter() - t0
-    return dict(epoch_s=times, eval_s=t_eval, test_acc=ta, steps_per_epoch=per_epoch,
-                flops_per_step=step_flops(model, bs), init=init)
+    def evaluate():
+        t0 = time.perf_counter()
+        model.evaluate(data.x_val, data.y_val, 5000)
+        model.evaluate(data.x_test, data.y_test, 5000)
+        return time.perf_counter() - t0
+
+    return dict(run=run, restart=restart, evaluate=evaluate, init=init, steps_per_epoch=len(x) // bs,
+                flops_per_step=step_flops(model, bs), bs=bs, n=len(x))
+
+
+def time_nprune(net, data, epochs, seed=0):
+    """nprune alone (the peak-memory child)."""
+    r = setup_nprune(net, data, seed)
+    time_epochs({"nprune": r}, r["n"], r["bs"], epochs, seed)
+    r["evaluate"]()
 
 
 def torch_model(net, init):
@@ -148,7 +161,7 @@ def torch_model(net, init):
     return m
 
 
-def time_torch(net, data, epochs, init, seed=0):
+def setup_torch(net, data, init):
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -174,17 +187,17 @@ def time_torch(net, data, epochs, init, seed=0):
         model.load_state_dict(torch_model(net, init).state_dict())
         opt.state.clear()
 
-    times = time_epochs(run, restart, len(x), bs, epochs, seed)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        correct = 0
-        for xs, ys in ((data.x_val, data.y_val), (data.x_test, data.y_test)):
-            for i in range(0, len(xs), 5000):
-                out = model(torch.from_numpy(xs[i:i + 5000]))
-                F.cross_entropy(out, torch.from_numpy(ys[i:i + 5000].astype(np.int64)))
-                correct = int((out.argmax(1).numpy() == ys[i:i + 5000]).sum())
-    t_eval = time.perf_counter() - t0
-    return dict(epoch_s=times, eval_s=t_eval)
+    def evaluate():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for xs, ys in ((data.x_val, data.y_val), (data.x_test, data.y_test)):
+                for i in range(0, len(xs), 5000):
+                    out = model(torch.from_numpy(xs[i:i + 5000]))
+                    F.cross_entropy(out, torch.from_numpy(ys[i:i + 5000].astype(np.int64)))
+                    int((out.argmax(1).numpy() == ys[i:i + 5000]).sum())
+        return time.perf_counter() - t0
+
+    return dict(run=run, restart=restart, evaluate=evaluate)
 
 
 def peak_rss_mb():
@@ -245,20 +258,30 @@ def main():
     rows, out = [], {"peak_gflops": peak, "epochs": args.epochs, "threads": args.threads,
                      "torch": None if torch is None else torch.__version__, "nets": {}}
     for net in args.nets.split(","):
-        r = time_nprune(net, data, args.epochs)
-        init = r.pop("init")
-        fl_epoch = r["flops_per_step"] * r["steps_per_epoch"]
         rss = None if args.no_rss else child_rss(net, args.threads)
-        res = {"nprune": dict(r, rss_mb=rss)}
+        r = setup_nprune(net, data)
+        runners = {"nprune": r}
         if torch is not None:
-            res["torch"] = time_torch(net, data, args.epochs, init)
+            runners["torch"] = setup_torch(net, data, r["init"])
+        times = time_epochs(runners, r["n"], r["bs"], args.epochs, 0)
+        fl_epoch = r["flops_per_step"] * r["steps_per_epoch"]
+        # evaluation: each framework twice in a row, the second timed (threads awake, buffers made)
+        res = {fw: {"epoch_s": times[fw], "eval_s": [runners[fw]["evaluate"](), runners[fw]["evaluate"]()][1]}
+               for fw in runners}
+        res["nprune"].update(rss_mb=rss, steps_per_epoch=r["steps_per_epoch"],
+                             flops_per_step=r["flops_per_step"])
         out["nets"][net] = res
-        s_np = float(np.median(r["epoch_s"]))
-        s_t = float(np.median(res["torch"]["epoch_s"])) if "torch" in res else None
+        s_np = float(np.median(times["nprune"]))
+        s_t = float(np.median(times["torch"])) if "torch" in times else None
+        if s_t:   # the epochs ran in turns: the median of the per-turn ratios shrugs off drift
+            pairs = [a / b for a, b in zip(times["nprune"], times["torch"])]
+            res["ratio_per_turn"] = pairs
+            res["ratio_median_of_turns"] = float(np.median(pairs))
         for fw, s in (("nprune", s_np), ("torch", s_t)):
             if s is None:
                 continue
-            ratio = f"{s_np / s_t:.2f}" if s_t else "-"
+            ratio = (f"{s_np / s_t:.2f} ({res['ratio_median_of_turns']:.2f}, "
+                     f"{min(res['ratio_per_turn']):.2f}-{max(res['ratio_per_turn']):.2f})") if s_t else "-"
             gf = fl_epoch / s / 1e9
             rss_s = f"{rss:.0f} MB" if (fw == "nprune" and rss) else "-"
             ev = res[fw]["eval_s"]
@@ -266,6 +289,8 @@ def main():
                         f"{100 * gf / peak:.0f}% | {ev:.3f} | {rss_s} |")
     print(f"\nfp32 GEMM peak (2048^3, this run): {peak:.1f} GFLOP/s; epochs timed: {args.epochs}; "
           f"threads: {args.threads or 'default'}\n")
+    print("nprune/torch: ratio of the medians (median, min-max of the per-turn ratios; the two ran "
+          "epoch by epoch in turns)\n")
     print("| net | framework | s/epoch (median) | nprune/torch | GEMM GFLOP/s | % of peak | eval 15k imgs (s) | peak RSS |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
