@@ -357,6 +357,9 @@ class Conv2D(Layer):
         f = self.out_channels
         k, m = cols.shape
         if isinstance(dout, PoolPhaseGrad):  # fused pooling: columns and dout both in phase order
+            if self.need_dx:   # forward fused only with need_dx False; no phase-order col2im exists
+                raise RuntimeError(f"{self!r}: need_dx was switched on between a fused forward and "
+                                   "backward; run forward again")
             dt = dout.dy
         else:
             dt = dout.transpose(1, 2, 3, 0)  # (F, OH, OW, N)

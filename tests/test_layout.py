@@ -170,3 +170,12 @@ def test_only_a_first_layer_conv_with_tiling_pool_is_fused():
     from nprune.model import Sequential
     seq = Sequential([("c", Conv2D(1, 2, 3, np.random.default_rng(0))), ("p", MaxPool2D(2, stride=1))])
     assert seq.layers[0].pool_fuse == 0                            # overlapping windows: not fused
+
+
+def test_fused_backward_refuses_a_need_dx_switched_on_after_forward():
+    rng = np.random.default_rng(13)
+    net, conv = _conv_pool_pair(np.float64, False, rng)
+    net.forward(rng.standard_normal((2, 2, 12, 12)), train=True)
+    conv.need_dx = True
+    with pytest.raises(RuntimeError, match="need_dx"):
+        net.backward(rng.standard_normal((2, 100)))
