@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from . import nets
+from .init import INITIALIZERS
 from .lottery import IMP, Recipe, check_strategy, default_rates
 from .runs import atomic_write_json, load_json
 
@@ -63,7 +64,7 @@ PRESETS = {
 }
 
 NET_CHOICES = list(nets.NETS) + ["both"]
-INIT_CHOICES = ["glorot_normal", "glorot_uniform", "he_normal", "lecun_uniform"]
+INIT_CHOICES = sorted(k for k in INITIALIZERS if k != "zeros")   # weight initialisers by name
 
 
 class UsageError(Exception):
@@ -486,7 +487,7 @@ def _write_train_json(path, a, cfg, per_epoch, runs) -> None:
     try:
         atomic_write_json(path, {"net": a.net, "dataset": a.dataset, "init": a.init, "epochs": a.epochs,
                                  "n_val": a.val, "kernel": a.kernel, "steps_per_epoch": per_epoch,
-                                 "config": cfg.__dict__, "runs": runs})
+                                 "config": dataclasses.asdict(cfg), "runs": runs})
     except OSError as err:
         raise DataError(f"--json {path}: cannot write ({err.strerror or err})") from None
 

@@ -236,8 +236,11 @@ def im2col_hwn_pool(xt: np.ndarray, kh: int, kw: int, pool: int, stride: int = 1
         raise ValueError(f"out buffer has shape {out.shape}/{out.dtype}, expected {shape}/{xt.dtype}")
     S = pool * stride
     hs, ws = -(-(h + 2 * pad) // S), -(-(w + 2 * pad) // S)
-    xp = np.zeros((c, hs * S, ws * S, n), dtype=xt.dtype)
-    xp[:, pad:pad + h, pad:pad + w] = xt
+    if pad == 0 and h == hs * S and w == ws * S:
+        xp = xt                      # nothing to pad (conv1 of LeNet-5: 28 = 14 * 2)
+    else:
+        xp = np.zeros((c, hs * S, ws * S, n), dtype=xt.dtype)
+        xp[:, pad:pad + h, pad:pad + w] = xt
     xs = np.ascontiguousarray(xp.reshape(c, hs, S, ws, S, n).transpose(2, 4, 0, 1, 3, 5))
     cols8 = out.reshape(c, kh, kw, pool, pool, oh2, ow2, n)
     for i in range(kh):
