@@ -142,6 +142,8 @@ def time_nprune(net, data, epochs, seed=0):
 
 
 def torch_model(net, init):
+    """The torch twin of ``nprune.nets.build(net)``, with ``init``'s weights (nprune names and layout);
+    ``init`` None keeps torch's own default initialisation."""
     import torch
     from torch import nn
     if net == "lenet300":
@@ -152,6 +154,8 @@ def torch_model(net, init):
         m = nn.Sequential(nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.MaxPool2d(2),
                           nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10))
         names = [("0", "conv1"), ("2", "conv2"), ("5", "fc1"), ("7", "fc2")]
+    if init is None:
+        return m
     sd = {}
     for tn, nn_ in names:
         w = init[f"{nn_}.W"]
