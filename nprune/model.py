@@ -114,10 +114,40 @@ class Sequential:
 
     # ----- passes ------------------------------------------------------------------------------
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        """x: a batch shaped as the first layer expects -> logits (N, classes)."""
+        """x: a batch shaped as the first layer expects -> logits (N, classes).
+
+        Inference (``train=False``) on more than :attr:`eval_chunk` samples runs the whole network on
+        row chunks of that size and stacks the logits, so every layer's output stays in cache for
+        the next one instead of streaming (N, width) activations through memory. Each sample's
+        logits are computed exactly as without chunks (the tests check ``==``)."""
+        if not train:
+            n, chunk = len(x), self._chunk_size()
+            if n > chunk:
+                out = None
+                for s in range(0, n, chunk):
+                    y = self._forward(x[s:s + chunk], False)
+                    if out is None:
+                        out = np.empty((n,) + y.shape[1:], y.dtype)
+                    out[s:s + len(y)] = y
+                return out
+        return self._forward(x, train)
+
+    def _forward(self, x, train):
         for layer in self.layers:
             x = layer.forward(x, train)
         return x
+
+    #: inference chunk of nets without convolutions (rows per pass through the whole network); conv
+    #: nets use :attr:`conv_eval_batch`. 512 = the sparse Dense kernel's own column chunk
+    #: (``nprune.sparse.CHUNK``), so a chunk goes through it without a second split. LeNet-300-100 at
+    #: batch 10,000, 1 BLAS thread (README, "Sparse kernels"): dense 39 -> 34 ms, sparse 18 -> 13 ms.
+    eval_chunk = 512
+
+    def _chunk_size(self) -> int:
+        return self.conv_eval_batch if self._has_conv() else self.eval_chunk
+
+    def _has_conv(self) -> bool:
+        return any(type(l).__name__ == "Conv2D" for l in self.layers)
 
     def backward(self, dlogits: np.ndarray) -> None:
         """Back-propagate ``dL/dlogits`` (N, classes); fills every layer's ``grads``."""
@@ -139,7 +169,7 @@ class Sequential:
     conv_eval_batch = 256
 
     def _eval_batch(self, batch_size: int) -> int:
-        if any(type(l).__name__ == "Conv2D" for l in self.layers):
+        if self._has_conv():
             return max(1, min(int(batch_size), self.conv_eval_batch))
         return max(1, int(batch_size))
 

@@ -31,7 +31,10 @@ each layer uses the kernel iff its mask's density (nonzeros / size, computed whe
 is <= the *threshold* stored for its shape (:func:`shape_key`: ``Dense 784x300``, ``Conv2D
 20x50x5x5 stride 1 pad 0 input 12x12``), batch class (``1``, ``small`` <= 256, ``large``) and mode
 (``train`` without dx, ``train_dx``, ``eval``); shapes or entries not in the table (or null) run
-dense, and a layer whose shape has no threshold at all gets no kernel. The choice therefore depends
+dense, and a layer whose shape has no threshold at all gets no kernel. An inner Dense layer whose
+input arrives feature-major (F-ordered, as a sparse predecessor leaves it, or LeNet-5's flattened
+batch-last activations) looks up the ``_f`` variant of its mode (``eval_f`` ...), measured with such
+input, since the kernel then skips its transposing copy; a table without it uses the plain mode. The choice therefore depends
 only on the table, the shapes and the masks -- the same seed gives the same bits every time, and a
 resumed experiment the same bits as an uninterrupted one (:meth:`nprune.lottery.IMP.kernel_thresholds`
 keeps the table of a run folder's first run in the folder).
@@ -277,6 +280,12 @@ def _batch_class(n: int) -> str:
 THRESHOLDS_FORMAT = "nprune-kernel-thresholds/1"
 BATCH_CLASSES = ("1", "small", "large")            # batch sizes 1, 2..256, > 256 (_batch_class)
 AUTO_MODES = ("train", "train_dx", "eval")          # training step without / with dx; inference
+# The same three modes for an inner Dense layer whose input arrives *feature-major* (an F-ordered
+# (N, in) array, as a sparse predecessor and the ReLU after it leave it): the kernel then reads
+# ``x.T`` without a transposing copy, so it pays at higher densities. Optional in a table: without
+# an ``_f`` entry the layer follows the plain mode's threshold (measured on C-ordered input).
+FMAJOR_MODES = tuple(m + "_f" for m in AUTO_MODES)
+ALL_MODES = AUTO_MODES + FMAJOR_MODES
 THRESHOLDS_FILE = "kernel_thresholds.json"
 
 
@@ -331,8 +340,9 @@ def check_thresholds(obj, where: str) -> dict:
             if not isinstance(modes, dict):
                 bad(f"{shape!r} {c}: expected an object keyed by mode (train, train_dx, eval)")
             for m, v in modes.items():
-                if m not in AUTO_MODES:
-                    bad(f"{shape!r} {c}: unknown mode {m!r} (expected train, train_dx or eval)")
+                if m not in ALL_MODES:
+                    bad(f"{shape!r} {c}: unknown mode {m!r} (expected train, train_dx or eval, "
+                        f"optionally with _f)")
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                       or not 0.0 <= v <= 1.0):
                     bad(f"{shape!r} {c} {m}: a threshold is a density in [0, 1] or null, got {v!r}")
@@ -382,8 +392,12 @@ def active_thresholds() -> dict:
 
 
 def lookup_threshold(table: dict, shape: str, batch_class: str, mode: str):
-    """The largest density at which ``auto`` uses the kernel (None: never)."""
-    return table.get("thresholds", {}).get(shape, {}).get(batch_class, {}).get(mode)
+    """The largest density at which ``auto`` uses the kernel (None: never). A feature-major mode
+    (``eval_f`` ...) missing from the table falls back to its plain mode (``eval``)."""
+    modes = table.get("thresholds", {}).get(shape, {}).get(batch_class, {})
+    if mode.endswith("_f") and mode not in modes:
+        mode = mode[:-2]
+    return modes.get(mode)
 
 
 def _may_use_kernel(table: dict, layer) -> bool:
@@ -417,6 +431,20 @@ _SHIPPED = {
     "Conv2D 20x50x5x5 stride 1 pad 0 input 12x12": {
         "1": (0.02, 0.005, 0.035), "small": (None, None, 0.002), "large": (None, None, None)},
 }
+# The feature-major (``_f``) entries of the inner Dense shapes: measured later (2026-11-26) on the
+# same machine, quiet (load ~1), by ``measure_thresholds(specs=<inner Dense layers>,
+# modes=FMAJOR_MODES)`` twice (seeds 0 and 1), entry-wise minimum; 71 s. ``--calibrate`` measures
+# them together with the plain modes.
+_SHIPPED_F = {
+    "Dense 300x100": {"1": (0.12, 0.1, None), "small": (0.015, 0.035, 0.035),
+                      "large": (0.02, 0.02, 0.035)},
+    "Dense 100x10": {"1": (None, None, None), "small": (None, None, None),
+                     "large": (0.1, 0.085, 0.06)},
+    "Dense 800x500": {"1": (0.12, 0.1, 0.015), "small": (0.02, 0.025, 0.045),
+                      "large": (0.015, 0.015, 0.03)},
+    "Dense 500x10": {"1": (None, None, None), "small": (None, None, None),
+                     "large": (0.085, 0.07, None)},
+}
 SHIPPED_THRESHOLDS = {
     "format": THRESHOLDS_FORMAT,
     "source": "shipped",
@@ -424,8 +452,8 @@ SHIPPED_THRESHOLDS = {
     "machine": "Intel Xeon (AVX-512), 2 cores, OpenBLAS 0.3.31, NumPy 2.4.6, SciPy 1.17.1, "
                "shared (load ~5.5)",
     "margin": 0.9,
-    "thresholds": {shape: {c: dict(zip(AUTO_MODES, v)) for c, v in classes.items()}
-                   for shape, classes in _SHIPPED.items()},
+    "thresholds": {shape: {c: dict(zip(AUTO_MODES, v), **dict(zip(FMAJOR_MODES, _SHIPPED_F.get(
+        shape, {}).get(c, ())))) for c, v in classes.items()} for shape, classes in _SHIPPED.items()},
 }
 
 
@@ -490,7 +518,8 @@ class _KernelBase:
         classes = list(self.table.get("thresholds", {}).get(shape_key(layer), {}).values())
 
         def never(modes):
-            return all(m.get(k) is None or self.density > m[k] for m in classes for k in modes)
+            return all(m.get(k) is None or self.density > m[k]
+                       for m in classes for k in modes + tuple(k + "_f" for k in modes))
         dense_fwd = type(layer).dense_forward
         if never(AUTO_MODES):
             self.all_dense, self.dense_modes = True, "all"
@@ -541,6 +570,8 @@ class _KernelBase:
     def _lookup(self, layer, x, train: bool) -> dict:
         shape = shape_key(layer, x.shape)
         cls, mode = _batch_class(x.shape[0]), mode_key(train, layer.need_dx)
+        if self._input_key(x) == ("F",):
+            mode += "_f"
         thr = lookup_threshold(self.table, shape, cls, mode)
         return {"use": thr is not None and self.density <= thr, "threshold": thr,
                 "density": float(self.density), "shape": shape, "batch_class": cls, "mode": mode}
@@ -612,12 +643,28 @@ class DenseKernelSparse(_KernelBase):
     def _modes_str(self):
         return f"csr/dx-{self.dx_mode}/sddmm"
 
+    @staticmethod
+    def _fmajor(x) -> bool:
+        """The input is feature-major: an F-ordered (N > 1, in) array, whose ``x.T`` the kernel
+        reads without a copy (the ``_f`` modes of the thresholds table)."""
+        return x.shape[0] > 1 and x.strides[0] == x.itemsize
+
+    def _input_key(self, x) -> tuple:
+        return ("F",) if self._fmajor(x) else ()
+
+    @staticmethod
+    def _fast_key(x):
+        n = x.shape[0]
+        return -n if (n > 1 and x.strides[0] == x.itemsize) else n
+
     # The base class's forward, specialised: the batch size inlined as the key and the dense code
     # called directly (no kernel swap) -- at batch 1 a small dense product takes 2-10 us and every
     # 100 ns of dispatch shows.
     def forward(self, layer, x, train=True):
+        n = x.shape[0]                       # the fast key (_fast_key), inlined
         try:
-            t = (self._fast_t if train else self._fast_e)[x.shape[0]]
+            t = (self._fast_t if train else self._fast_e)[
+                -n if (n > 1 and x.strides[0] == x.itemsize) else n]
         except (KeyError, AttributeError):
             return self._forward(layer, x, train)
         if t[2] or (train and layer.need_dx != self._fast_dx):
@@ -1071,8 +1118,16 @@ def _passes(res: dict) -> bool:
                for v in res.values())
 
 
+def _cal_modes(spec, modes=None) -> tuple:
+    """The modes calibrated for a layer: the feature-major ``_f`` modes only for inner Dense layers
+    (a first layer gets C-ordered images; conv layers are batch-last throughout)."""
+    inner_dense = isinstance(spec["layer"], Dense) and not spec["first"]
+    out = ALL_MODES if inner_dense else AUTO_MODES
+    return tuple(m for m in out if modes is None or m in modes)
+
+
 def measure_thresholds(specs=None, densities=CAL_DENSITIES, batches=None, repeats=CAL_REPEATS,
-                       verbose=False, seed=0) -> tuple[dict, list]:
+                       verbose=False, seed=0, modes=None) -> tuple[dict, list]:
     """Measure the ``auto`` thresholds on this machine. Returns (thresholds, measurements).
 
     For each layer shape (:func:`calibration_layers`), batch class and mode, at each batch size of
@@ -1082,7 +1137,10 @@ def measure_thresholds(specs=None, densities=CAL_DENSITIES, batches=None, repeat
     stops at the first density where the kernel is not <= AUTO_MARGIN x dense at every thread count.
     The threshold is the last density that passed (None if none did), minimised over the class's
     batch sizes. Random masks are the kernels' worst case at a given density (IMP masks kill whole
-    rows and columns, which only helps the kernel), so the thresholds err on the dense side."""
+    rows and columns, which only helps the kernel), so the thresholds err on the dense side.
+    Inner Dense layers are also measured with feature-major (F-ordered) input, the ``_f`` modes
+    (:data:`FMAJOR_MODES`; the upstream gradient stays C-ordered, as a dense successor returns it,
+    the kernel's worse case). ``modes``: measure only these modes."""
     threads, limits = _blas_threads()
     rng = np.random.default_rng(seed)
     table, meas = {}, []
@@ -1094,12 +1152,15 @@ def measure_thresholds(specs=None, densities=CAL_DENSITIES, batches=None, repeat
         table[key] = {}
         for cls in BATCH_CLASSES:
             table[key][cls] = {}
-            for mode in AUTO_MODES:
-                train = mode != "eval"
-                layer.need_dx = mode == "train_dx" if train else not spec["first"]
+            for mode in _cal_modes(spec, modes):
+                base = mode[:-2] if mode.endswith("_f") else mode
+                train = base != "eval"
+                layer.need_dx = base == "train_dx" if train else not spec["first"]
                 thr, per = 1.0, {}
                 for n in cls_batches[cls]:
                     x, dout = _cal_inputs(layer, spec, n, rng)
+                    if mode != base:   # feature-major input, as a sparse predecessor leaves it; the
+                        x = np.asfortranarray(x)   # upstream gradient stays C-ordered (worse case)
                     best = None
                     for d in densities:
                         if d > thr:
@@ -1167,7 +1228,7 @@ def _min_merge(a: dict, b: dict) -> dict:
         for c in BATCH_CLASSES:
             ma, mb = a.get(shape, {}).get(c, {}), b.get(shape, {}).get(c, {})
             out[shape][c] = {m: (None if ma.get(m) is None or mb.get(m) is None
-                                 else min(ma[m], mb[m])) for m in AUTO_MODES}
+                                 else min(ma[m], mb[m])) for m in ALL_MODES if m in ma or m in mb}
     return out
 
 
@@ -1202,15 +1263,19 @@ def calibrate_thresholds(path=None, quick: bool = False, runs: int = 1,
 
 
 def format_thresholds(table: dict) -> str:
-    """The table as text: one line per layer shape, ``class: train/train_dx/eval`` thresholds."""
-    lines = [f"source: {table.get('source', '?')}"]
+    """The table as text: one line per layer shape, ``class: train/train_dx/eval`` thresholds, and
+    a second line with the feature-major (``_f``) thresholds where the table has them."""
+    lines = [f"source: {table.get('source', '?')} (per batch class: train/train_dx/eval)"]
     for shape, classes in table["thresholds"].items():
-        cells = []
-        for c in BATCH_CLASSES:
-            modes = classes.get(c, {})
-            cells.append(f"{c}: " + "/".join("-" if modes.get(m) is None else f"{modes[m]:g}"
-                                             for m in AUTO_MODES))
-        lines.append(f"  {shape:44s} " + "  ".join(cells))
+        for label, ms in ((shape, AUTO_MODES), ("  feature-major input", FMAJOR_MODES)):
+            if not any(m in classes.get(c, {}) for c in BATCH_CLASSES for m in ms):
+                continue
+            cells = []
+            for c in BATCH_CLASSES:
+                modes = classes.get(c, {})
+                cells.append(f"{c}: " + "/".join("-" if modes.get(m) is None else f"{modes[m]:g}"
+                                                 for m in ms))
+            lines.append(f"  {label:44s} " + "  ".join(cells))
     return "\n".join(lines)
 
 

@@ -38,3 +38,44 @@ def test_fresh_params_follow_the_initialiser():
     assert not np.array_equal(w0, w1)
     assert abs(w1.std() / np.sqrt(2 / (784 + 300)) - 1) < 0.02     # Glorot normal
     assert np.all(fresh["fc1.b"] == 0)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "sparse", "auto"])
+def test_inference_in_chunks_equals_one_pass(kernel):
+    """Sequential.forward(train=False) runs large batches through the whole net in row chunks; every
+    sample's logits are exactly those of one unchunked pass (dense, sparse and auto kernels)."""
+    rng = np.random.default_rng(0)
+    m = nets.build("lenet300", rng)
+    m.set_masks({k: rng.random(v.shape) < 0.03 for k, v in m.bool_masks().items()})
+    m.set_kernel(kernel)
+    x = rng.random((1000, 784), dtype=np.float32)
+    m.eval_chunk = 300                          # 300, 300, 300, 100 (batch class "large" all but 1)
+    sizes = []
+    inner = m._forward
+    m._forward = lambda xb, train: sizes.append(len(xb)) or inner(xb, train)
+    chunked = m.forward(x, train=False)
+    assert sizes == [300, 300, 300, 100]
+    del m._forward
+    m.eval_chunk = 10 ** 6
+    whole = m.forward(x, train=False)
+    assert chunked.shape == (1000, 10) and chunked.dtype == np.float32
+    np.testing.assert_array_equal(chunked[:900], whole[:900])
+    if kernel != "auto":                        # auto may choose differently for the small last chunk
+        np.testing.assert_array_equal(chunked, whole)
+    else:
+        np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_net_inference_in_chunks_equals_one_pass():
+    rng = np.random.default_rng(1)
+    m = nets.build("lenet5", rng)
+    x = rng.random((70, 1, 28, 28), dtype=np.float32)
+    m.conv_eval_batch = 32                      # 32, 32, 6
+    sizes = []
+    inner = m._forward
+    m._forward = lambda xb, train: sizes.append(len(xb)) or inner(xb, train)
+    chunked = m.forward(x, train=False)
+    assert sizes == [32, 32, 6]
+    del m._forward
+    m.conv_eval_batch = 10 ** 6
+    np.testing.assert_array_equal(chunked, m.forward(x, train=False))

@@ -293,6 +293,66 @@ def test_auto_sends_a_mode_without_thresholds_straight_to_dense(dense_mode):
             _close(a, b)
 
 
+def test_lookup_feature_major_mode_falls_back_to_the_plain_mode():
+    t = table({"Dense 50x30": {"small": {"eval": 0.1, "train": None, "train_f": 0.3}}})
+    assert sparse.lookup_threshold(t, "Dense 50x30", "small", "eval_f") == 0.1     # missing: eval's
+    assert sparse.lookup_threshold(t, "Dense 50x30", "small", "train_f") == 0.3
+    t["thresholds"]["Dense 50x30"]["small"]["eval_f"] = None                       # present: never
+    assert sparse.lookup_threshold(t, "Dense 50x30", "small", "eval_f") is None
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_auto_uses_the_feature_major_threshold_for_f_ordered_input(train):
+    # the plain modes say never, the _f modes say yes: C-ordered input runs dense, F-ordered input
+    # (as a sparse predecessor leaves it) runs the kernel -- each remembered under its own key,
+    # also on the fast path (same batch size, both orders, twice each)
+    rng = np.random.default_rng(21)
+    layer = Dense(50, 30, rng)
+    layer.set_mask("W", rng.random((50, 30)) < 0.05)
+    layer.need_dx = True
+    modes = {m: None for m in sparse.AUTO_MODES}
+    modes.update({m: 0.1 for m in sparse.FMAJOR_MODES})
+    layer.kernel = k = DenseKernelSparse(layer, "auto", thresholds=table({"Dense 50x30": {"small": modes}}))
+    assert not k.all_dense and k.dense_modes is None
+    xc = rng.standard_normal((7, 50)).astype(np.float32)
+    xf = np.asfortranarray(xc)
+    dout = rng.standard_normal((7, 30)).astype(np.float32)
+    outs = {}
+    for x, want in ((xc, False), (xf, True), (xc, False), (xf, True)):
+        y = np.array(layer.forward(x, train=train))
+        assert k.last_plan["use_kernel"] is want
+        outs.setdefault(want, []).append(y)
+        if train:
+            dx = layer.backward(dout)
+            assert dx.shape == xc.shape
+    assert k.decisions[("small", train, True)]["use"] is False
+    assert k.decisions[("small", train, True, "F")]["use"] is True
+    assert k.decisions[("small", train, True, "F")]["mode"] == sparse.mode_key(train, True) + "_f"
+    np.testing.assert_array_equal(outs[False][0], outs[False][1])
+    _close(outs[True][0], outs[False][0])
+    # batch 1 is never "feature-major" (both orders are the same memory)
+    layer.forward(xc[:1], train=train)
+    assert k.last_plan["use_kernel"] is False
+
+
+def test_feature_major_modes_validated_and_shown():
+    sparse.check_thresholds(table({"Dense 50x30": {"small": {"eval_f": 0.2}}}), "t")
+    with pytest.raises(ThresholdsError, match="unknown mode 'eval_g'"):
+        sparse.check_thresholds(table({"Dense 50x30": {"small": {"eval_g": 0.2}}}), "t")
+    txt = sparse.format_thresholds(table({"Dense 50x30": {"small": {"eval": 0.1, "eval_f": 0.2}},
+                                          "Dense 9x9": {"small": {"eval": 0.1}}}))
+    assert txt.count("feature-major input") == 1 and "-/-/0.2" in txt
+
+
+def test_calibration_modes_per_layer():
+    specs = {s["key"]: s for s in sparse.calibration_layers()}
+    assert sparse._cal_modes(specs["Dense 784x300"]) == sparse.AUTO_MODES        # first layer
+    assert sparse._cal_modes(specs["Dense 300x100"]) == sparse.ALL_MODES
+    conv = next(s for k, s in specs.items() if k.startswith("Conv2D 20x50"))
+    assert sparse._cal_modes(conv) == sparse.AUTO_MODES
+    assert sparse._cal_modes(specs["Dense 300x100"], sparse.FMAJOR_MODES) == sparse.FMAJOR_MODES
+
+
 def test_auto_through_the_model_and_kernel_report():
     rng = np.random.default_rng(16)
     model = nets.build("lenet300", np.random.default_rng(0))
@@ -362,9 +422,11 @@ def test_shipped_table_is_valid_and_covers_the_nets():
     assert sparse.check_thresholds(t, "shipped") is t and t["source"] == "shipped"
     keys = {s["key"] for s in sparse.calibration_layers()}
     assert keys <= set(t["thresholds"])
-    for classes in t["thresholds"].values():
+    inner = {s["key"] for s in sparse.calibration_layers() if sparse._cal_modes(s) == sparse.ALL_MODES}
+    for shape, classes in t["thresholds"].items():
         assert set(classes) == set(sparse.BATCH_CLASSES)
-        assert all(set(m) == set(sparse.AUTO_MODES) for m in classes.values())
+        want = sparse.ALL_MODES if shape in inner else sparse.AUTO_MODES
+        assert all(set(m) == set(want) for m in classes.values()), shape
     assert "machine" in t and "command" in t
     assert sparse.active_thresholds() is t                  # no user file (fixture)
 
@@ -391,6 +453,8 @@ def test_measure_thresholds_runs_on_a_tiny_layer():
     t, meas = sparse.measure_thresholds(specs=[spec], densities=(0.1, 1.0), repeats=1,
                                         batches={"1": (1,), "small": (4,), "large": (300,)})
     assert set(t["Dense 20x10"]) == set(sparse.BATCH_CLASSES)
+    assert all(set(m) == set(sparse.ALL_MODES) for m in t["Dense 20x10"].values())   # inner layer
+    assert {m["mode"] for m in meas} <= set(sparse.ALL_MODES)
     sparse.check_thresholds(table(t), "measured")
     assert meas and all(m["shape"] == "Dense 20x10" for m in meas)
     assert layer.kernel is None and layer.masks["W"] is None
