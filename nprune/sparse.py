@@ -34,8 +34,9 @@ is <= the *threshold* stored for its shape (:func:`shape_key`: ``Dense 784x300``
 dense, and a layer whose shape has no threshold at all gets no kernel. An inner Dense layer whose
 input arrives feature-major (F-ordered, as a sparse predecessor leaves it, or LeNet-5's flattened
 batch-last activations) looks up the ``_f`` variant of its mode (``eval_f`` ...), measured with such
-input, since the kernel then skips its transposing copy; a table without it uses the plain mode. The choice therefore depends
-only on the table, the shapes and the masks -- the same seed gives the same bits every time, and a
+input, since the kernel then skips its transposing copy; a table without it uses the plain mode.
+The choice therefore depends only on the table, the shapes, the masks and the memory order the
+previous layers' choices produce -- the same seed gives the same bits every time, and a
 resumed experiment the same bits as an uninterrupted one (:meth:`nprune.lottery.IMP.kernel_thresholds`
 keeps the table of a run folder's first run in the folder).
 
