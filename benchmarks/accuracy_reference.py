@@ -149,11 +149,12 @@ def main():
                  "| seed | nprune early-stop test % | (iteration) | nprune final % | torch early-stop test % "
                  "| (iteration) | torch final % |",
                  "|---|---:|---:|---:|---:|---:|---:|"]
+        pc = lambda v: "-" if math.isnan(v) else f"{100 * v:.2f}"   # noqa: E731
         for s, a0, a1, a2, b0, b1, b2 in rows:
-            lines.append(f"| {s} | {100 * a0:.2f} | {a1} | {100 * a2:.2f} | {100 * b0:.2f} | {b1} | {100 * b2:.2f} |")
+            lines.append(f"| {s} | {pc(a0)} | {a1} | {pc(a2)} | {pc(b0)} | {b1 if have_torch else '-'} "
+                         f"| {pc(b2)} |")
         m = np.mean(np.array([r[1:] for r in rows], float), axis=0)
-        lines.append(f"| **mean** | **{100 * m[0]:.2f}** | | {100 * m[2]:.2f} | **{100 * m[3]:.2f}** | "
-                     f"| {100 * m[5]:.2f} |")
+        lines.append(f"| **mean** | **{pc(m[0])}** | | {pc(m[2])} | **{pc(m[3])}** | | {pc(m[5])} |")
         tables.append("\n".join(lines))
     print("\n".join(tables))
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
