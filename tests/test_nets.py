@@ -49,14 +49,14 @@ def test_inference_in_chunks_equals_one_pass(kernel):
     m.set_masks({k: rng.random(v.shape) < 0.03 for k, v in m.bool_masks().items()})
     m.set_kernel(kernel)
     x = rng.random((1000, 784), dtype=np.float32)
-    m.eval_chunk = 300                          # 300, 300, 300, 100 (batch class "large" all but 1)
+    m.eval_chunk = m.dense_eval_chunk = 300     # 300, 300, 300, 100 (batch class "large" all but 1)
     sizes = []
     inner = m._forward
     m._forward = lambda xb, train: sizes.append(len(xb)) or inner(xb, train)
     chunked = m.forward(x, train=False)
     assert sizes == [300, 300, 300, 100]
     del m._forward
-    m.eval_chunk = 10 ** 6
+    m.eval_chunk = m.dense_eval_chunk = 10 ** 6
     whole = m.forward(x, train=False)
     assert chunked.shape == (1000, 10) and chunked.dtype == np.float32
     np.testing.assert_array_equal(chunked[:900], whole[:900])
@@ -79,3 +79,21 @@ def test_conv_net_inference_in_chunks_equals_one_pass():
     del m._forward
     m.conv_eval_batch = 10 ** 6
     np.testing.assert_array_equal(chunked, m.forward(x, train=False))
+
+
+def test_inference_chunk_follows_the_kernels():
+    # rows per chunk: eval_chunk when a layer may run its sparse kernel, dense_eval_chunk when every
+    # layer runs dense (no kernel, or auto above every threshold), conv_eval_batch for conv nets
+    rng = np.random.default_rng(2)
+    m = nets.build("lenet300", rng)
+    assert m._chunk_size() == m.dense_eval_chunk
+    m.set_kernel("auto")                        # 100% density: auto routes every layer to dense
+    assert m._chunk_size() == m.dense_eval_chunk
+    m.set_masks({k: rng.random(v.shape) < 0.01 for k, v in m.bool_masks().items()})
+    assert m._chunk_size() == m.eval_chunk      # now fc1 may take the kernel
+    m.set_kernel("dense")
+    assert m._chunk_size() == m.dense_eval_chunk
+    m.set_kernel("sparse")
+    assert m._chunk_size() == m.eval_chunk
+    assert m.eval_chunk != m.dense_eval_chunk
+    assert nets.build("lenet5", rng)._chunk_size() == nets.build("lenet5", rng).conv_eval_batch
