@@ -662,11 +662,11 @@ class DenseKernelSparse(_KernelBase):
     # called directly (no kernel swap) -- at batch 1 a small dense product takes 2-10 us and every
     # 100 ns of dispatch shows.
     def forward(self, layer, x, train=True):
-        n = x.shape[0]                       # the fast key (_fast_key), inlined
         try:
+            n = x.shape[0]                   # the fast key (_fast_key), inlined
             t = (self._fast_t if train else self._fast_e)[
                 -n if (n > 1 and x.strides[0] == x.itemsize) else n]
-        except (KeyError, AttributeError):
+        except (KeyError, AttributeError):   # not cached yet, or x is not an array (a list)
             return self._forward(layer, x, train)
         if t[2] or (train and layer.need_dx != self._fast_dx):
             return self._forward(layer, x, train)

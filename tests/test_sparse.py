@@ -335,6 +335,17 @@ def test_auto_uses_the_feature_major_threshold_for_f_ordered_input(train):
     assert k.last_plan["use_kernel"] is False
 
 
+@pytest.mark.parametrize("choice", ["sparse", "auto"])
+def test_dense_kernel_takes_a_nested_list(choice):
+    rng = np.random.default_rng(22)
+    layer = Dense(6, 4, rng)
+    layer.set_mask("W", rng.random((6, 4)) < 0.5)
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    layer.kernel = sparse._kernel_for(layer, choice)
+    for _ in range(2):                          # before and after the fast-path cache is filled
+        _close(np.array(layer.forward(x.tolist(), train=False)), np.array(layer.forward(x, train=False)))
+
+
 def test_feature_major_modes_validated_and_shown():
     sparse.check_thresholds(table({"Dense 50x30": {"small": {"eval_f": 0.2}}}), "t")
     with pytest.raises(ThresholdsError, match="unknown mode 'eval_g'"):
