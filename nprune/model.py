@@ -116,10 +116,11 @@ class Sequential:
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """x: a batch shaped as the first layer expects -> logits (N, classes).
 
-        Inference (``train=False``) on more than :attr:`eval_chunk` samples runs the whole network on
-        row chunks of that size and stacks the logits, so every layer's output stays in cache for
-        the next one instead of streaming (N, width) activations through memory. Each sample's
-        logits are computed exactly as without chunks (the tests check ``==``)."""
+        Inference (``train=False``) on more samples than :meth:`_chunk_size` (:attr:`eval_chunk`,
+        :attr:`dense_eval_chunk` or :attr:`conv_eval_batch`) runs the whole network on row chunks of
+        that size and stacks the logits, so every layer's output stays in cache for the next one
+        instead of streaming (N, width) activations through memory. Each sample's logits are
+        computed exactly as without chunks (the tests check ``==``)."""
         if not train:
             n, chunk = len(x), self._chunk_size()
             if n > chunk:
@@ -156,7 +157,7 @@ class Sequential:
         return self.eval_chunk if sparse else self.dense_eval_chunk
 
     def _has_conv(self) -> bool:
-        return any(type(l).__name__ == "Conv2D" for l in self.layers)
+        return any(isinstance(l, Conv2D) for l in self.layers)
 
     def backward(self, dlogits: np.ndarray) -> None:
         """Back-propagate ``dL/dlogits`` (N, classes); fills every layer's ``grads``."""
