@@ -16,7 +16,10 @@ in a rotating order):
   ``python -m nprune.sparse --calibrate`` if any, else the shipped table) -- a lookup, no timing;
 * ``dense+copt again``: ``dense+copt`` a second time, to show the noise floor of the comparison.
 Speedups are against ``dense``; "auto / dense+copt" isolates the kernels (same optimiser).
-Inference: ``model.forward(x_test[:10000], train=False)``.
+Inference: ``model.forward(x_test[:10000], train=False)`` (C-ordered input), and the same images from
+each model's :meth:`~nprune.model.Sequential.feature_major` copy (``model.predict(fm)``), the layout
+the training loop evaluates from when the first layer may run sparse; the feature-major speed-up is
+against the faster of dense's two layouts.
 
 Usage: python benchmarks/sparse_train.py [--quick] [--blas-threads N] [--data-dir /work/shared/data/mnist]
 Writes benchmarks/results/sparse_train.json and sparse_train.png.
@@ -123,21 +126,33 @@ def main():
             for choice in variants:
                 accs[choice] = models[choice][0].evaluate(data.x_test, data.y_test)[1]
             # inference at batch 10,000 (two untimed warm-up calls each)
+            # C: the (10000, ...) array as it is; FM: each model's own feature-major copy
+            # (Sequential.feature_major: blocks = its inference chunks), as train() holds the
+            # evaluation sets when the first layer may run sparse. Same logits (checked).
             xt = data.x_test[:10000]
-            inf = {"dense": [], "auto": []}
-            for choice in ("dense", "auto"):
-                for _ in range(2):
-                    models[choice][0].forward(xt, train=False)
-            for r in range(5):
-                for choice in (("dense", "auto") if r % 2 == 0 else ("auto", "dense")):
+            fm = {c: models[c][0].feature_major(xt, batch_size=10000) for c in ("dense", "auto")}
+            calls = {("dense", "C"): lambda: models["dense"][0].forward(xt, train=False),
+                     ("auto", "C"): lambda: models["auto"][0].forward(xt, train=False),
+                     ("dense", "FM"): lambda: models["dense"][0].predict(fm["dense"]),
+                     ("auto", "FM"): lambda: models["auto"][0].predict(fm["auto"])}
+            for c in ("dense", "auto"):
+                assert np.array_equal(calls[(c, "C")](), calls[(c, "FM")]()), "feature-major logits differ"
+            inf = {k: [] for k in calls}
+            for k in calls:
+                calls[k]()
+            keys = list(calls)
+            for r in range(6):
+                for k in (keys if r % 2 == 0 else keys[::-1]):
                     t0 = time.perf_counter()
-                    models[choice][0].forward(xt, train=False)
-                    inf[choice].append(time.perf_counter() - t0)
+                    calls[k]()
+                    inf[k].append(time.perf_counter() - t0)
             td, ta = np.median(times["dense"]) * per_epoch, np.median(times["auto"]) * per_epoch
             tc = np.median(times["dense+copt"]) * per_epoch
             tc2 = np.median(times["dense+copt again"]) * per_epoch
             calib = first["auto"] - np.median(times["auto"])
-            idn, ia = np.median(inf["dense"]), np.median(inf["auto"])
+            idn, ia = np.median(inf[("dense", "C")]), np.median(inf[("auto", "C")])
+            idf, iaf = np.median(inf[("dense", "FM")]), np.median(inf[("auto", "FM")])
+            best_dense = min(idn, idf)
             from nprune.sparse import kernel_report
             rep = kernel_report(models["auto"][0])
             chosen = ", ".join(
@@ -148,7 +163,8 @@ def main():
             rows.append([rnd, f"{100 * left:.1f}%", f"{td:.2f}", f"{tc:.2f}", f"{ta:.2f}", f"{td / ta:.2f}x",
                          f"{ta / tc:.3f}", f"{tc2 / tc:.3f}",
                          f"{accs['dense']:.4f}", f"{accs['auto']:.4f}", f"{10000 / idn:.0f}", f"{10000 / ia:.0f}",
-                         f"{idn / ia:.2f}x", f"{calib * 1e3:.0f}", chosen])
+                         f"{idn / ia:.2f}x", f"{10000 / iaf:.0f}", f"{10000 / idf:.0f}",
+                         f"{best_dense / iaf:.2f}x", f"{calib * 1e3:.0f}", chosen])
             out["levels"].append({"net": net, "round": rnd, "weights_left": float(left),
                                   "epoch_s_dense": float(td), "epoch_s_auto": float(ta),
                                   "epoch_s_dense_compact_opt": float(tc), "acc_dense_copt": accs["dense+copt"],
@@ -156,14 +172,19 @@ def main():
                                   "auto_first_step_extra_s": float(calib), "first_step_s": first,
                                   "acc_dense": accs["dense"], "acc_auto": accs["auto"],
                                   "infer_s_dense": float(idn), "infer_s_auto": float(ia),
-                                  "step_times": times, "infer_times": inf, "auto_layers": rep,
+                                  "infer_s_dense_fm": float(idf), "infer_s_auto_fm": float(iaf),
+                                  "step_times": times,
+                                  "infer_times": {f"{c} {lay}": v for (c, lay), v in inf.items()},
+                                  "auto_layers": rep,
                                   "density_per_layer": {k: float(v.mean()) for k, v in masks.items()}})
             print(f"  {net} round {rnd}: {100 * left:.1f}% left, epoch {td:.2f}s dense vs {ta:.2f}s auto", flush=True)
         print(f"\n## {net}\n")
         print(md_table(["round", "weights left", "s/epoch dense", "s/epoch dense+copt", "s/epoch auto",
                         "epoch speedup (auto)", "auto / dense+copt", "dense+copt again / dense+copt (noise)",
                         "acc dense", "acc auto", "infer img/s dense", "infer img/s auto",
-                        "infer speedup", "auto first-step extra ms",
+                        "infer speedup", "infer img/s auto, feature-major",
+                        "infer img/s dense, feature-major", "infer speedup, feature-major (vs the faster dense)",
+                        "auto first-step extra ms",
                         "auto per layer (S=sparse, D=dense per batch class/mode; dense: above every threshold of the shape; none: no threshold for the shape)"], rows))
         print()
     p = save_json("sparse_train.json", out)
@@ -176,6 +197,8 @@ def main():
         x = [100 * l["weights_left"] for l in lv]
         ax[0].plot(x, [l["epoch_s_dense"] / l["epoch_s_auto"] for l in lv], "o-", label=net)
         ax[1].plot(x, [l["infer_s_dense"] / l["infer_s_auto"] for l in lv], "o-", label=net)
+        ax[1].plot(x, [min(l["infer_s_dense"], l["infer_s_dense_fm"]) / l["infer_s_auto_fm"] for l in lv],
+                   "s--", label=f"{net}, feature-major")
     for axi, t in zip(ax, ("training epoch speedup (auto vs dense)", "inference speedup, batch 10000")):
         axi.set_xscale("log")
         axi.invert_xaxis()

@@ -11,8 +11,58 @@ from typing import Iterable
 
 import numpy as np
 
-from .layers import Conv2D, MaxPool2D
+from .layers import Conv2D, Dense, MaxPool2D
 from .losses import softmax_cross_entropy
+
+
+class FeatureMajor:
+    """A data set held *feature-major*, in blocks, for repeated inference (evaluation).
+
+    ``x`` (N, ...) is copied once into blocks of ``block`` samples (restarting at every multiple of
+    ``period`` when given, so that the blocks are exactly the row chunks :meth:`Sequential.forward`
+    runs on batches of ``period``); block ``i`` is a C-contiguous (D, b_i) array (D = features per
+    sample), i.e. the transpose of the (b_i, D) rows. A block is
+    handed to the network as ``block.T`` reshaped to (b_i, ...): the same values as
+    ``x[s:s + b_i]``, as an F-ordered view. A sparse first Dense layer wants exactly this layout
+    (``X = x.T``, C-contiguous; see :class:`nprune.sparse.DenseKernelSparse`) and skips the
+    transposing copy it makes of every C-ordered chunk; a dense layer's GEMM reads either layout at
+    the same speed and gives the same bits. The training loop holds its validation and test sets
+    this way when :meth:`Sequential.wants_feature_major` says so: made once per training run,
+    evaluated hundreds of times.
+    """
+
+    def __init__(self, x: np.ndarray, block: int, period: int | None = None):
+        x = np.asarray(x)
+        if x.ndim < 2:
+            raise ValueError(f"FeatureMajor expects (N, ...) samples, got shape {x.shape}")
+        self.block = max(1, int(block))
+        self.n = len(x)
+        self.period = max(1, self.n if period is None else int(period))
+        self.sample_shape = x.shape[1:]
+        self.dtype = x.dtype
+        d = int(np.prod(self.sample_shape, dtype=np.int64))
+        starts = [s for p in range(0, self.n, self.period)
+                  for s in range(p, min(p + self.period, self.n), self.block)]
+        ends = starts[1:] + [self.n]
+        self.blocks = [np.ascontiguousarray(x[s:e].reshape(-1, d).T) for s, e in zip(starts, ends)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batches(self):
+        """Yield ``(start, view)``: each block as (b_i, ...) samples (an F-ordered view, no copy)."""
+        s = 0
+        for blk in self.blocks:
+            b = blk.shape[1]
+            yield s, blk.T.reshape((b,) + self.sample_shape)
+            s += b
+
+    def to_array(self) -> np.ndarray:
+        """The samples as one C-ordered (N, ...) array (a copy)."""
+        out = np.empty((self.n,) + self.sample_shape, self.dtype)
+        for s, v in self.batches():
+            out[s:s + len(v)] = v
+        return out
 
 
 class Sequential:
@@ -183,8 +233,38 @@ class Sequential:
             return max(1, min(int(batch_size), self.conv_eval_batch))
         return max(1, int(batch_size))
 
+    def wants_feature_major(self) -> bool:
+        """True when evaluating from a :class:`FeatureMajor` copy saves work: no convolutions, and
+        the first layer with parameters is a Dense layer whose kernel may run sparse (a dense GEMM
+        reads both layouts at the same speed, so there is nothing to gain otherwise)."""
+        if self._has_conv() or not self.layers:
+            return False
+        first = self.layers[self._first_param]
+        k = getattr(first, "kernel", None)
+        return isinstance(first, Dense) and k is not None and not getattr(k, "all_dense", False)
+
+    def feature_major(self, x: np.ndarray, batch_size: int = 2000) -> FeatureMajor:
+        """``x`` as a :class:`FeatureMajor` copy whose blocks are the row chunks that
+        ``evaluate(x, y, batch_size)`` and ``predict(x, batch_size)`` would run, so both give the
+        same bits from it (the ``auto`` kernels decide per chunk size)."""
+        bs = self._eval_batch(batch_size)
+        return FeatureMajor(x, min(self._chunk_size(), bs), period=bs)
+
+    def _logits_fm(self, x: FeatureMajor) -> np.ndarray:
+        out = None
+        for s, v in x.batches():
+            y = self.forward(v, train=False)
+            if out is None:
+                out = np.empty((len(x),) + y.shape[1:], y.dtype)
+            out[s:s + len(y)] = y
+        return out
+
     def predict(self, x: np.ndarray, batch_size: int = 2000) -> np.ndarray:
-        """Logits for ``x`` computed in batches, without caching anything for backward."""
+        """Logits for ``x`` (an array or a :class:`FeatureMajor`) computed in batches, without
+        caching anything for backward."""
+        if isinstance(x, FeatureMajor):
+            out = self._logits_fm(x)
+            return np.zeros((0, 0), np.float32) if out is None else out
         bs = self._eval_batch(batch_size)
         outs = [self.forward(x[i:i + bs], train=False) for i in range(0, len(x), bs)]
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
@@ -193,13 +273,16 @@ class Sequential:
         """(mean cross-entropy loss, accuracy) on a data set.
 
         The loss is ``sum_batches(mean_loss_b * n_b) / n`` accumulated in float64 (the batch size
-        only changes the rounding of that sum, not which images are evaluated)."""
+        only changes the rounding of that sum, not which images are evaluated). ``x`` may be a
+        :class:`FeatureMajor` copy: the logits are then computed block by block and the loss summed
+        over the same batches, so the result is the same to the last bit."""
         if len(x) == 0:
             return float("nan"), float("nan")
         bs = self._eval_batch(batch_size)
+        fm = self._logits_fm(x) if isinstance(x, FeatureMajor) else None
         total, correct = 0.0, 0
         for i in range(0, len(x), bs):
-            logits = self.forward(x[i:i + bs], train=False)
+            logits = self.forward(x[i:i + bs], train=False) if fm is None else fm[i:i + bs]
             yb = y[i:i + bs]
             loss, _ = softmax_cross_entropy(logits, yb)
             total += loss * len(yb)

@@ -97,3 +97,73 @@ def test_inference_chunk_follows_the_kernels():
     assert m._chunk_size() == m.eval_chunk
     assert m.eval_chunk != m.dense_eval_chunk
     assert nets.build("lenet5", rng)._chunk_size() == nets.build("lenet5", rng).conv_eval_batch
+
+
+# -- feature-major evaluation sets ----------------------------------------------------------------
+from nprune.model import FeatureMajor  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", [(1100, 1, 28, 28), (7, 784), (512, 3)])
+def test_feature_major_holds_the_same_samples(shape):
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    f = FeatureMajor(x, 512)
+    assert len(f) == shape[0]
+    starts, sizes = [], []
+    for s, v in f.batches():
+        assert v.shape[1:] == shape[1:] and v.dtype == np.float32
+        assert v.shape[0] == 1 or v.strides[0] == v.itemsize          # samples side by side
+        np.testing.assert_array_equal(v, x[s:s + len(v)])
+        starts.append(s)
+        sizes.append(len(v))
+    assert starts == list(range(0, shape[0], 512)) and sum(sizes) == shape[0]
+    np.testing.assert_array_equal(f.to_array(), x)
+    assert len(FeatureMajor(x[:0], 512)) == 0 and list(FeatureMajor(x[:0], 512).batches()) == []
+    with pytest.raises(ValueError, match="FeatureMajor"):
+        FeatureMajor(np.zeros(5, np.float32), 4)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "sparse", "auto"])
+@pytest.mark.parametrize("net", ["lenet300", "lenet5"])
+def test_evaluate_and_predict_from_feature_major_are_bit_identical(kernel, net):
+    rng = np.random.default_rng(3)
+    m = nets.build(net, rng)
+    m.set_masks({k: rng.random(v.shape) < 0.02 for k, v in m.bool_masks().items()})
+    m.set_kernel(kernel)
+    n = 700 if net == "lenet300" else 90
+    x = rng.random((n, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, n)
+    # blocks = the row chunks of evaluate(x, y, 300): chunks restart at every batch of 300
+    m.eval_chunk = m.dense_eval_chunk = 128
+    f = m.feature_major(x, batch_size=300)
+    want = [128, 128, 44, 128, 128, 44, 100] if net == "lenet300" else [90]   # conv: 256-image batches
+    assert [len(v) for _, v in f.batches()] == want
+    assert m.evaluate(f, y, batch_size=300) == m.evaluate(x, y, batch_size=300)
+    np.testing.assert_array_equal(m.predict(f), m.predict(x, batch_size=300))
+
+
+def test_sparse_first_layer_reads_feature_major_blocks_without_a_copy():
+    rng = np.random.default_rng(4)
+    m = nets.build("lenet300", rng)
+    m.set_masks({k: rng.random(v.shape) < 0.02 for k, v in m.bool_masks().items()})
+    m.set_kernel("sparse")
+    x = rng.random((600, 1, 28, 28), dtype=np.float32)
+    fc1 = m.layers[m.names.index("fc1")]
+    m.predict(m.feature_major(x))
+    assert "xT" not in fc1.kernel._bufs and "xc" not in fc1.kernel._bufs
+    m.predict(x)                                    # a C-ordered input is transposed into a buffer
+    assert "xT" in fc1.kernel._bufs or "xc" in fc1.kernel._bufs
+
+
+def test_wants_feature_major_only_for_a_first_dense_layer_that_may_run_sparse():
+    rng = np.random.default_rng(5)
+    m = nets.build("lenet300", rng)
+    assert not m.wants_feature_major()              # no kernel: the dense code
+    m.set_kernel("auto")
+    assert not m.wants_feature_major()              # 100% density: auto routes fc1 to dense
+    m.set_masks({k: rng.random(v.shape) < 0.01 for k, v in m.bool_masks().items()})
+    assert m.wants_feature_major()
+    assert m.feature_major(np.zeros((3, 1, 28, 28), np.float32)).block == m.eval_chunk
+    assert m.feature_major(np.zeros((3, 1, 28, 28), np.float32), batch_size=100).block == 100
+    m5 = nets.build("lenet5", rng)
+    m5.set_kernel("sparse")
+    assert not m5.wants_feature_major()             # conv nets: no
