@@ -66,6 +66,7 @@ class Layer:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.masks: dict[str, np.ndarray | None] = {}
+        self._mask_ones: dict = {}   # name -> the mask set_mask stored, when it keeps every entry
         self.prunable: tuple[str, ...] = ()
         self.need_dx: bool = True
         self._cache = None
@@ -120,6 +121,7 @@ class Layer:
                            f"(prunable: {list(self.prunable)})")
         if mask is None:
             self.masks[name] = None
+            self._mask_ones.pop(name, None)
             if self.kernel is not None:
                 self.kernel.mask_changed(self)
             return
@@ -134,6 +136,7 @@ class Layer:
             if not np.all(keep | (m == 0)) or not np.all(m[keep] == 1):
                 raise ValueError(f"numeric mask for {name!r} must contain only 0 and 1")
         self.masks[name] = keep.astype(p.dtype)
+        self._mask_ones[name] = self.masks[name] if keep.all() else None
         p[~keep] = 0
         if self.kernel is not None:
             self.kernel.mask_changed(self)
@@ -147,8 +150,10 @@ class Layer:
         return int(sum(v.size for v in self.params.values()))
 
     def _mask_grad(self, name: str) -> None:
+        # a mask of all ones (the dense round of an experiment) would multiply by 1.0: skipped.
+        # set_mask remembers that mask object; any other array in ``masks`` is applied.
         m = self.masks.get(name)
-        if m is not None:
+        if m is not None and m is not self._mask_ones.get(name):
             self.grads[name] *= m
 
     def __repr__(self) -> str:

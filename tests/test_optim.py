@@ -164,3 +164,47 @@ def test_chunked_updates_are_bit_identical(opt, density, synth, monkeypatch):
         for n in s1:
             for k in s1[n]:
                 assert np.array_equal(s[n][k], s1[n][k]), (n, k)
+
+
+@pytest.mark.parametrize("net,opt", [("lenet300", "adam"), ("lenet5", "sgd-momentum-wd")])
+def test_all_ones_masks_skip_the_mask_passes_and_change_nothing(net, opt, synth):
+    """The dense round of an experiment sets masks that keep every weight. Backward and the
+    optimiser then skip their multiplications by 1.0: the run is bit-identical to one without masks,
+    and a later real mask (a new array) is applied in full again."""
+    def build(masks):
+        model = nets.build(net, np.random.default_rng(9))
+        if masks:
+            model.set_masks({n: np.ones(model.params()[n].shape, bool) for n in model.prunable()})
+        o = (SGD(model, 0.05, momentum=0.9, weight_decay=1e-3) if opt.startswith("sgd")
+             else Adam(model, 1e-2))
+        return model, o
+
+    runs = []
+    for masks in (False, True):
+        model, o = build(masks)
+        for step in range(4):
+            i = step * 16
+            model.loss_and_grads(synth.x_train[i:i + 16], synth.y_train[i:i + 16])
+            o.step()
+        runs.append((model, o))
+    (m0, _), (m1, o1) = runs
+    for n, p in m0.params().items():
+        assert np.array_equal(p, m1.params()[n]), n
+        assert np.array_equal(m0.grads()[n], m1.grads()[n]), n
+    layer = m1.layers[m1.names.index(m1.prunable()[0].split(".")[0])]
+    assert layer._mask_ones["W"] is layer.masks["W"]        # the pass was skipped for this mask
+    # now prune (a new mask object): the passes are back, pruned weights and gradients are exactly 0
+    masks = _random_masks(m1, np.random.default_rng(10), 0.6)
+    m1.set_masks(masks)
+    assert layer._mask_ones["W"] is None
+    for step in range(4, 8):
+        i = step * 16
+        m1.loss_and_grads(synth.x_train[i:i + 16], synth.y_train[i:i + 16])
+        o1.step()
+    for n, m in masks.items():
+        assert np.all(m1.params()[n][~m] == 0.0) and np.all(m1.grads()[n][~m] == 0.0), n
+    # a mask array put into ``masks`` directly (not through set_mask) is applied as well
+    fresh = np.zeros_like(layer.masks["W"])
+    layer.masks["W"] = fresh
+    m1.loss_and_grads(synth.x_train[:16], synth.y_train[:16])
+    assert not np.any(layer.grads["W"])
