@@ -208,3 +208,28 @@ def test_all_ones_masks_skip_the_mask_passes_and_change_nothing(net, opt, synth)
     layer.masks["W"] = fresh
     m1.loss_and_grads(synth.x_train[:16], synth.y_train[:16])
     assert not np.any(layer.grads["W"])
+
+
+@pytest.mark.parametrize("opt", ["adam-wd", "sgd-momentum-wd", "sgd"])
+def test_dense_path_scratch_is_one_shared_chunk_sized_buffer(opt, synth):
+    """The dense path's scratch (tmp, and wd with weight decay) is not per-parameter state: every
+    chunk of every parameter works in the same buffers of at most CHUNK entries."""
+    import nprune.optim
+    model = nets.build("lenet300", np.random.default_rng(11))
+    o = (Adam(model, 1e-3, weight_decay=1e-3) if opt == "adam-wd"
+         else SGD(model, 0.05, momentum=0.9 if "momentum" in opt else 0.0,
+                  weight_decay=1e-3 if "wd" in opt else 0.0))
+    model.loss_and_grads(synth.x_train[:16], synth.y_train[:16])
+    o.step()
+    keep = {"adam-wd": {"m", "v"}, "sgd-momentum-wd": {"v"}, "sgd": set()}[opt]
+    assert all(set(s) == keep for s in o.state.values())
+    items = o._chunks[1]
+    n_state = len(keep)
+    scratch = [it[3 + n_state:] for it in items]        # (p, g, mask, *state, *scratch)
+    assert all(len(s) == len(scratch[0]) >= 1 for s in scratch)
+    for k in range(len(scratch[0])):
+        views = [s[k] for s in scratch]
+        assert all(np.shares_memory(v, views[0]) or v.size == 0 for v in views)
+        assert all(v.size <= nprune.optim.CHUNK for v in views)
+        if k:                                          # different scratch slots never overlap
+            assert not np.shares_memory(views[0], scratch[0][0])
