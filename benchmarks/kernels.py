@@ -8,8 +8,7 @@ times, side by side (interleaved round robin, median of repeats):
 
 for the variants ``dense`` (masked dense path, layer.kernel=None), ``csr`` (all products sparse; Dense:
 CSR forward, SDDMM dW, dX with the CSR of W), ``csc`` (as csr but dX with the CSC reading of A),
-``compact`` (conv only: dead rows/cols dropped, dense GEMM on the live block; the Dense kernel has no
-compact mode -- CSR skips dead rows/cols by construction) and ``auto`` (what ``set_kernel("auto")``
+``compact`` (dead rows/cols dropped, dense GEMMs on the live block) and ``auto`` (what ``set_kernel("auto")``
 attaches: the deterministic lookup in the thresholds table in use -- the user's calibration from
 ``python -m nprune.sparse --calibrate`` if there is one, else the shipped table; printed at the top --
 or no kernel at all when the table has no threshold for the layer's shape; the "auto chose" column
@@ -72,8 +71,6 @@ def bench_one(spec, density, batch, ops, repeats, rng):
         dout = np.asfortranarray(dout)
     kernels = {"dense": None, "dense2": None}   # dense2: the same dense path again (noise floor)
     for v, modes in VARIANTS.items():
-        if v == "compact" and kind == "dense":
-            continue
         kernels[v] = K(layer, "sparse", modes)
     kernels["auto"] = auto_kernel(layer)        # None: no threshold for this shape -> plain dense
     res = {}

@@ -631,18 +631,63 @@ class DenseKernelSparse(_KernelBase):
     * ``db`` as a GEMV ``dY @ 1``; ``dX = W @ dY`` (csr_matvecs on the CSR of W; or ``csc``: the CSR
       arrays of A read as CSC of A.T, no second value gather), returned F-ordered.
 
+    **Compaction.** Inputs whose row of W is entirely pruned (dead inputs, e.g. MNIST's border
+    pixels) and outputs whose column is (dead units) are dropped: the *compact* mode runs dense GEMMs
+    on the live block ``Wb = W[live_in][:, live_out]`` (nc, nr), sample-major, with ``Wb`` gathered
+    from ``W`` on every forward (``np.take``, nc * nr elements): ``y[:, live_out] = x[:, live_in] @
+    Wb + b``; ``dWb = x_l.T @ dy_l``, of which only the kept entries are written into ``grads['W']``;
+    ``dx[:, live_in] = dy_l @ Wb.T``. It pays when the live block is dense, i.e. when pruning has
+    removed whole units (structured masks); on IMP masks the live block is about as sparse as W and
+    CSR wins. Per call (samples, train, dx, input order) the kernel picks compact or CSR with the
+    cost model :data:`COST` (:meth:`_compact_pays`), or as forced by ``modes``.
+
     Values are re-gathered from ``W`` on every forward (``np.take``, nnz elements), so optimisers may
     update ``W`` in place; the index structure is rebuilt only by :meth:`mask_changed`.
-    ``modes``: ``{"dx": "csr" | "csc"}`` (other keys ignored).
+    ``modes``: ``{"dx": "csr" | "csc"}`` forces the CSR path's dX product; ``{"fwd": "compact"}``
+    (or all three of fwd/dx/dw ``"compact"``) forces the compact mode, ``{"fwd": "sparse"}`` the
+    CSR mode; without ``fwd`` the cost model chooses.
     """
 
     def _setup(self, layer):
         self.R, self.C = layer.out_features, layer.in_features
-        dx = (self.forced or {}).get("dx", "csr")
+        f = self.forced or {}
+        dx = f.get("dx", "csr")
         self.dx_mode = "csc" if dx == "csc" else "csr"
+        self.force_compact = {"compact": True, "sparse": False}.get(f.get("fwd"))
+        if self.force_compact is None and dx in ("csr", "csc") and "dx" in f:
+            self.force_compact = False          # a CSR dX mode was asked for: the CSR path
+        self._compact_plans = {}
+        self._last_compact = False
 
     def _modes_str(self):
+        if self._last_compact:
+            return "compact"
         return f"csr/dx-{self.dx_mode}/sddmm"
+
+    def _compact_pays(self, n: int, train: bool, need_dx: bool, fmajor: bool) -> bool:
+        """Compact or CSR for a call on ``n`` samples, by the cost model :data:`COST` (forced modes
+        first). Compact costs its GEMMs on the live block plus the block gather, the input gather and
+        the output/dx assembly; CSR its products plus the input's transposing copy (none for
+        feature-major input)."""
+        if self.force_compact is not None:
+            return self.force_compact
+        key = (n, train, need_dx, fmajor)
+        use = self._compact_plans.get(key)
+        if use is None:
+            c = COST
+            blk = self.nr * self.nc
+            gemm = c["gemm_fma"] * blk * n + c["gemm_call"]
+            copy = lambda k: c["copy_elem"] * k + c["copy_call"]
+            comp = gemm + copy(blk) + (0.0 if self.all_c else copy(n * self.nc)) + copy(n * self.R)
+            csr = c["spmm_fma"] * self.nnz * n + c["spmm_call"] + (0.0 if fmajor else copy(n * self.C))
+            if train:
+                comp += gemm + copy(self.nnz) + (0.0 if self.all_r else copy(n * self.nr))
+                csr += c["sddmm_fma"] * self.nnz * n + c["sddmm_call"]
+                if need_dx:
+                    comp += gemm + copy(n * self.C)
+                    csr += c["spmm_fma"] * self.nnz * n + c["spmm_call"]
+            use = self._compact_plans[key] = bool(self.nnz) and comp < csr
+        return use
 
     @staticmethod
     def _fmajor(x) -> bool:
@@ -701,6 +746,17 @@ class DenseKernelSparse(_KernelBase):
         self.data_t = np.zeros(self.nnz, _F32)
         self.gnz = np.zeros(self.nnz, _F32)
         self.density = self.nnz / max(R * C, 1)
+        # compaction: the live block Wb = W[live_c][:, live_r] (nc, nr) and, in the order of gidx_t
+        # (row-major of W), the positions of the kept weights inside it
+        self.live_c = np.flatnonzero(keep.any(axis=1))   # inputs with a kept weight
+        self.live_r = np.flatnonzero(keep.any(axis=0))   # outputs (units) with a kept weight
+        self.nc, self.nr = self.live_c.size, self.live_r.size
+        self.all_c, self.all_r = self.nc == C, self.nr == R
+        self.blk_gidx = (self.live_c[:, None] * R + self.live_r[None, :]).reshape(-1)
+        self.blk_pos_t = (np.searchsorted(self.live_c, it) * self.nr
+                          + np.searchsorted(self.live_r, jt)).astype(np.intp)
+        self.blk = np.zeros((self.nc, self.nr), _F32)
+        self._compact_plans = {}
         layer.grads["W"][...] = 0                        # pruned entries stay zero from now on
         self._bufs = {}
         self._cache = None
@@ -726,6 +782,9 @@ class DenseKernelSparse(_KernelBase):
             self._cache = _DENSE
             return self._dense_call(layer, layer.forward, x, train)
         R, C, n = self.R, self.C, x.shape[0]
+        self._last_compact = self._compact_pays(n, train, train and layer.need_dx, self._fmajor(x))
+        if self._last_compact:
+            return self._forward_compact(layer, x, train)
         np.take(layer.params["W"].reshape(-1), self.gidx, out=self.data, mode="clip")
         b = layer.params["b"][:, None] if layer.bias else None
         yT = np.empty((R, n), _F32)
@@ -751,6 +810,41 @@ class DenseKernelSparse(_KernelBase):
             yT[:, s:s + w] = yc
         return yT.T
 
+    def _forward_compact(self, layer, x, train):
+        """The compact mode's forward (see the class docstring): sample-major GEMM on the live block."""
+        n = x.shape[0]
+        np.take(layer.params["W"].reshape(-1), self.blk_gidx, out=self.blk.reshape(-1), mode="clip")
+        xl = x if self.all_c else np.take(x, self.live_c, axis=1)
+        yl = np.matmul(xl, self.blk)
+        if self.all_r:
+            y = yl
+            if layer.bias:
+                y += layer.params["b"]
+        else:
+            y = np.empty((n, self.R), _F32)
+            y[...] = layer.params["b"] if layer.bias else 0
+            y[:, self.live_r] += yl
+        if train:
+            self._cache = ("compact", xl, n)
+        return y
+
+    def _backward_compact(self, layer, dout, xl):
+        dl = dout if self.all_r else np.take(dout, self.live_r, axis=1)
+        if layer.bias:
+            np.sum(dout, axis=0, out=layer.grads["b"])
+        if self.nnz:
+            gb = np.matmul(xl.T, dl)                       # (nc, nr): dW on the live block
+            np.take(gb.reshape(-1), self.blk_pos_t, out=self.gnz, mode="clip")
+            np.put(layer.grads["W"].reshape(-1), self.gidx_t, self.gnz, mode="clip")
+        if not layer.need_dx:
+            return None
+        dxl = np.matmul(dl, self.blk.T)
+        if self.all_c:
+            return dxl
+        dx = np.zeros((dout.shape[0], self.C), _F32)
+        dx[:, self.live_c] = dxl
+        return dx
+
     def _spmm(self, xT, yT, b, n):
         if b is None:
             yT.fill(0)
@@ -766,6 +860,8 @@ class DenseKernelSparse(_KernelBase):
             raise RuntimeError("Dense.backward called without a preceding forward(x, train=True)")
         if c[0] == "dense":
             return self._dense_call(layer, layer.backward, dout)
+        if c[0] == "compact":
+            return self._backward_compact(layer, dout, c[1])
         _, xT, n = c
         R, C, nnz = self.R, self.C, self.nnz
         dT = dout.T

@@ -28,7 +28,7 @@ MODES = [
     None,  # default (Dense: CSR + SDDMM, dX by the CSR of W; Conv2D: cost-model choice per product)
     {"fwd": "sparse", "dx": "sparse", "dw": "sparse"},
     {"fwd": "sparse", "dx": "csc", "dw": "sparse"},       # Dense: dX by the CSC reading of A
-    {"fwd": "compact", "dx": "compact", "dw": "compact"},  # Conv2D only (Dense ignores these keys)
+    {"fwd": "compact", "dx": "compact", "dw": "compact"},  # dense GEMMs on the live block
 ]
 DENSITIES = [1.0, 0.5, 0.2, 0.05, 0.01, 0.0]
 
@@ -510,7 +510,7 @@ def test_feature_major_chain_no_copies():
     l1, l2 = Dense(40, 30, rng), Dense(30, 20, rng)
     for l in (l1, l2):
         l.set_mask("W", rng.random(l.params["W"].shape) < 0.3)
-        l.kernel = DenseKernelSparse(l, "sparse")
+        l.kernel = DenseKernelSparse(l, "sparse", {"fwd": "sparse"})   # the CSR path
     x = rng.standard_normal((9, 40)).astype(np.float32)
     h = l1.forward(x)
     assert h.flags.f_contiguous and not h.flags.c_contiguous
@@ -651,3 +651,50 @@ def test_short_training_same_accuracy_sparse_vs_dense():
     assert acc["dense"] > 0.5
     assert abs(acc["sparse"] - acc["dense"]) <= 0.02
     assert abs(acc["auto"] - acc["dense"]) <= 0.02
+
+
+def test_dense_compact_mode_drops_dead_units_and_inputs():
+    """Compaction: a mask that kills whole units (columns of W) and inputs (rows) leaves a live
+    block; the compact mode runs dense GEMMs on it. Dead units output exactly their bias, dead inputs
+    get exactly zero gradient, pruned weights exactly zero gradient; the rest matches dense."""
+    rng = np.random.default_rng(21)
+    layer = Dense(50, 40, rng)
+    layer.params["b"][:] = rng.standard_normal(40)
+    m = rng.random((50, 40)) < 0.7
+    dead_in, dead_out = [0, 1, 2, 17, 49], [3, 4, 30, 31, 32, 39]
+    m[dead_in] = False
+    m[:, dead_out] = False
+    layer.set_mask("W", m)
+    x = rng.standard_normal((33, 50)).astype(np.float32)
+    dout = rng.standard_normal((33, 40)).astype(np.float32)
+    k = DenseKernelSparse(layer, "sparse", {"fwd": "compact"})
+    assert (k.nc, k.nr) == (45, 34) and not k.all_c and not k.all_r
+    _compare(layer, x, dout, DenseKernelSparse, {"fwd": "compact"})
+    layer.kernel = k
+    y = layer.forward(x)
+    assert k.last_plan["modes"] == "compact"
+    np.testing.assert_array_equal(y[:, dead_out], np.broadcast_to(layer.params["b"][dead_out], (33, 6)))
+    dx = layer.backward(dout)
+    assert np.all(dx[:, dead_in] == 0) and np.all(layer.grads["W"][~m] == 0)
+
+
+def test_dense_kernel_picks_compact_for_structured_masks_and_csr_for_sparse_ones():
+    """The cost model (COST): a live block that is dense (whole units pruned, the rest kept) runs
+    compact; an IMP-like 2% mask, whose live block is as sparse as W, runs CSR."""
+    rng = np.random.default_rng(22)
+    layer = Dense(784, 300, rng)
+    m = np.zeros((784, 300), bool)
+    m[100:700, :120] = True                       # 40% of the units, 600 of the inputs, all kept
+    layer.set_mask("W", m)
+    k = DenseKernelSparse(layer, "sparse")
+    assert (k.nc, k.nr) == (600, 120)
+    for n, train in ((60, True), (60, False), (10_000, False)):
+        assert k._compact_pays(n, train, False, False), (n, train)
+    layer.set_mask("W", rng.random((784, 300)) < 0.02)
+    k = DenseKernelSparse(layer, "sparse")
+    for n, train in ((60, True), (60, False), (10_000, False)):
+        assert not k._compact_pays(n, train, False, False), (n, train)
+    # forced modes win over the cost model
+    assert DenseKernelSparse(layer, "sparse", {"fwd": "compact"})._compact_pays(60, True, False, False)
+    layer.set_mask("W", m)
+    assert not DenseKernelSparse(layer, "sparse", {"dx": "csc"})._compact_pays(60, True, False, False)
