@@ -121,6 +121,11 @@ SDDMM_BLOCK = 1 << 16
 SDDMM_EINSUM = False
 # a live block is compacted along an axis only if it drops at least this fraction of that axis
 MIN_DROP = 0.0
+# the Dense kernel's compact mode is chosen only where the cost model predicts it at most this
+# fraction of CSR's cost: the model underestimates the gathers around compact's GEMMs (fc1 of
+# LeNet-300-100, batch 60, 1 thread: predicted 417 us at any density, measured ~520 us; CSR at 4%
+# predicted 451 us, measured ~470 us)
+COMPACT_MARGIN = 0.8
 
 _F32 = np.float32
 _DENSE = ("dense",)   # kernel cache marker: the last forward ran the dense path
@@ -634,9 +639,9 @@ class DenseKernelSparse(_KernelBase):
     **Compaction.** Inputs whose row of W is entirely pruned (dead inputs, e.g. MNIST's border
     pixels) and outputs whose column is (dead units) are dropped: the *compact* mode runs dense GEMMs
     on the live block ``Wb = W[live_in][:, live_out]`` (nc, nr), sample-major, with ``Wb`` gathered
-    from ``W`` on every forward (``np.take``, nc * nr elements): ``y[:, live_out] = x[:, live_in] @
-    Wb + b``; ``dWb = x_l.T @ dy_l``, of which only the kept entries are written into ``grads['W']``;
-    ``dx[:, live_in] = dy_l @ Wb.T``. It pays when the live block is dense, i.e. when pruning has
+    from ``W`` on every forward (whole rows / columns by ``np.take``; ``W`` itself when nothing is
+    dead): ``y[:, live_out] = x[:, live_in] @ Wb + b``; ``dWb = (x_l.T @ dy_l) * Mb`` (the block's
+    mask), written back as a block into ``grads['W']``; ``dx[:, live_in] = dy_l @ Wb.T``. It pays when the live block is dense, i.e. when pruning has
     removed whole units (structured masks); on IMP masks the live block is about as sparse as W and
     CSR wins. Per call (samples, train, dx, input order) the kernel picks compact or CSR with the
     cost model :data:`COST` (:meth:`_compact_pays`), or as forced by ``modes``.
@@ -678,15 +683,18 @@ class DenseKernelSparse(_KernelBase):
             blk = self.nr * self.nc
             gemm = c["gemm_fma"] * blk * n + c["gemm_call"]
             copy = lambda k: c["copy_elem"] * k + c["copy_call"]
-            comp = gemm + copy(blk) + (0.0 if self.all_c else copy(n * self.nc)) + copy(n * self.R)
+            whole = self.all_c and self.all_r             # nothing dead: the block is W itself
+            comp = (gemm + (0.0 if whole else copy(blk)) + (0.0 if self.all_c else copy(n * self.nc))
+                    + (0.0 if self.all_r else copy(n * self.R)))
             csr = c["spmm_fma"] * self.nnz * n + c["spmm_call"] + (0.0 if fmajor else copy(n * self.C))
             if train:
-                comp += gemm + copy(self.nnz) + (0.0 if self.all_r else copy(n * self.nr))
+                comp += (gemm + copy(2 * self.nnz if self.blk_by_entry and not whole else blk)
+                         + (0.0 if self.all_r else copy(n * self.nr)))
                 csr += c["sddmm_fma"] * self.nnz * n + c["sddmm_call"]
                 if need_dx:
                     comp += gemm + copy(n * self.C)
                     csr += c["spmm_fma"] * self.nnz * n + c["spmm_call"]
-            use = self._compact_plans[key] = bool(self.nnz) and comp < csr
+            use = self._compact_plans[key] = bool(self.nnz) and comp < COMPACT_MARGIN * csr
         return use
 
     @staticmethod
@@ -752,10 +760,14 @@ class DenseKernelSparse(_KernelBase):
         self.live_r = np.flatnonzero(keep.any(axis=0))   # outputs (units) with a kept weight
         self.nc, self.nr = self.live_c.size, self.live_r.size
         self.all_c, self.all_r = self.nc == C, self.nr == R
-        self.blk_gidx = (self.live_c[:, None] * R + self.live_r[None, :]).reshape(-1)
+        # the block's 0/1 mask (its dW is multiplied by it, then written back as a block)
+        mb = keep if self.all_c else keep[self.live_c]
+        self.blk_mask = (mb if self.all_r else mb[:, self.live_r]).astype(_F32)
+        self.blk = None if (self.all_c and self.all_r) else np.zeros((self.nc, self.nr), _F32)
+        # a sparse block (fewer than a quarter of it kept) writes its dW entry by entry instead
+        self.blk_by_entry = 4 * self.nnz < self.nc * self.nr
         self.blk_pos_t = (np.searchsorted(self.live_c, it) * self.nr
                           + np.searchsorted(self.live_r, jt)).astype(np.intp)
-        self.blk = np.zeros((self.nc, self.nr), _F32)
         self._compact_plans = {}
         layer.grads["W"][...] = 0                        # pruned entries stay zero from now on
         self._bufs = {}
@@ -813,9 +825,9 @@ class DenseKernelSparse(_KernelBase):
     def _forward_compact(self, layer, x, train):
         """The compact mode's forward (see the class docstring): sample-major GEMM on the live block."""
         n = x.shape[0]
-        np.take(layer.params["W"].reshape(-1), self.blk_gidx, out=self.blk.reshape(-1), mode="clip")
+        blk = self._gather_block(layer.params["W"])
         xl = x if self.all_c else np.take(x, self.live_c, axis=1)
-        yl = np.matmul(xl, self.blk)
+        yl = np.matmul(xl, blk)
         if self.all_r:
             y = yl
             if layer.bias:
@@ -828,17 +840,48 @@ class DenseKernelSparse(_KernelBase):
             self._cache = ("compact", xl, n)
         return y
 
+    def _gather_block(self, W):
+        """The live block ``W[live_in][:, live_out]`` (W itself when nothing is dead): whole rows
+        when only inputs are dead, whole columns when only units are."""
+        if self.blk is None:
+            return W
+        if self.all_r:
+            np.take(W, self.live_c, axis=0, out=self.blk, mode="clip")
+        elif self.all_c:
+            np.take(W, self.live_r, axis=1, out=self.blk, mode="clip")
+        else:
+            np.take(np.take(W, self.live_c, axis=0, mode="clip"), self.live_r, axis=1,
+                    out=self.blk, mode="clip")
+        return self.blk
+
     def _backward_compact(self, layer, dout, xl):
         dl = dout if self.all_r else np.take(dout, self.live_r, axis=1)
         if layer.bias:
             np.sum(dout, axis=0, out=layer.grads["b"])
+        gW = layer.grads["W"]
         if self.nnz:
-            gb = np.matmul(xl.T, dl)                       # (nc, nr): dW on the live block
-            np.take(gb.reshape(-1), self.blk_pos_t, out=self.gnz, mode="clip")
-            np.put(layer.grads["W"].reshape(-1), self.gidx_t, self.gnz, mode="clip")
+            if self.blk is None:                           # nothing dead: the block is W itself
+                np.matmul(xl.T, dl, out=gW)
+                gW *= self.blk_mask
+            else:
+                gb = np.matmul(xl.T, dl)                   # (nc, nr): dW on the live block
+                if self.blk_by_entry:                      # the kept entries only
+                    np.take(gb.reshape(-1), self.blk_pos_t, out=self.gnz, mode="clip")
+                    np.put(gW.reshape(-1), self.gidx_t, self.gnz, mode="clip")
+                    gb = None
+                else:
+                    gb *= self.blk_mask
+                if gb is None:
+                    pass
+                elif self.all_r:
+                    gW[self.live_c] = gb                   # rows of W: one gather-free scatter
+                elif self.all_c:
+                    gW[:, self.live_r] = gb
+                else:
+                    gW[np.ix_(self.live_c, self.live_r)] = gb
         if not layer.need_dx:
             return None
-        dxl = np.matmul(dl, self.blk.T)
+        dxl = np.matmul(dl, layer.params["W"].T if self.blk is None else self.blk.T)
         if self.all_c:
             return dxl
         dx = np.zeros((dout.shape[0], self.C), _F32)

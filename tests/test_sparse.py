@@ -698,3 +698,29 @@ def test_dense_kernel_picks_compact_for_structured_masks_and_csr_for_sparse_ones
     assert DenseKernelSparse(layer, "sparse", {"fwd": "compact"})._compact_pays(60, True, False, False)
     layer.set_mask("W", m)
     assert not DenseKernelSparse(layer, "sparse", {"dx": "csc"})._compact_pays(60, True, False, False)
+
+
+@pytest.mark.parametrize("dead", ["none", "inputs", "units", "both"])
+@pytest.mark.parametrize("d", [1.0, 0.6, 0.1])
+def test_dense_compact_mode_every_block_shape(dead, d):
+    """The compact mode's block is W itself (nothing dead), whole rows (dead inputs only), whole
+    columns (dead units only) or both; its dW is written as a block or, for a sparse block, entry by
+    entry. Every case matches the masked dense path."""
+    rng = np.random.default_rng(int(d * 10) + len(dead))
+    layer = Dense(48, 36, rng)
+    layer.params["b"][:] = rng.standard_normal(36)
+    m = rng.random((48, 36)) < d
+    m[:, 0] = m[0] = True                                  # nothing dead unless asked
+    if dead in ("inputs", "both"):
+        m[[3, 9, 40]] = False
+    if dead in ("units", "both"):
+        m[:, [5, 6, 35]] = False
+    layer.set_mask("W", m)
+    k = DenseKernelSparse(layer, "sparse", {"fwd": "compact"})
+    assert k.all_c == (dead in ("none", "units")) and k.all_r == (dead in ("none", "inputs"))
+    assert (k.blk is None) == (dead == "none")
+    x = rng.standard_normal((21, 48)).astype(np.float32)
+    dout = rng.standard_normal((21, 36)).astype(np.float32)
+    _compare(layer, x, dout, DenseKernelSparse, {"fwd": "compact"})
+    layer.need_dx = False
+    _compare(layer, x, dout, DenseKernelSparse, {"fwd": "compact"})
