@@ -641,9 +641,10 @@ class DenseKernelSparse(_KernelBase):
     on the live block ``Wb = W[live_in][:, live_out]`` (nc, nr), sample-major, with ``Wb`` gathered
     from ``W`` on every forward (whole rows / columns by ``np.take``; ``W`` itself when nothing is
     dead): ``y[:, live_out] = x[:, live_in] @ Wb + b``; ``dWb = (x_l.T @ dy_l) * Mb`` (the block's
-    mask), written back as a block into ``grads['W']``; ``dx[:, live_in] = dy_l @ Wb.T``. It pays when the live block is dense, i.e. when pruning has
-    removed whole units (structured masks); on IMP masks the live block is about as sparse as W and
-    CSR wins. Per call (samples, train, dx, input order) the kernel picks compact or CSR with the
+    mask), written back as a block into ``grads['W']`` (entry by entry when under a quarter of the
+    block is kept); ``dx[:, live_in] = dy_l @ Wb.T``. It pays when the live block is dense, i.e. when
+    pruning has removed whole units (structured masks); on IMP masks the live block is about as
+    sparse as W and CSR wins. Per call (samples, train, dx, input order) the kernel picks compact or CSR with the
     cost model :data:`COST` (:meth:`_compact_pays`), or as forced by ``modes``.
 
     Values are re-gathered from ``W`` on every forward (``np.take``, nnz elements), so optimisers may
@@ -761,8 +762,11 @@ class DenseKernelSparse(_KernelBase):
         self.nc, self.nr = self.live_c.size, self.live_r.size
         self.all_c, self.all_r = self.nc == C, self.nr == R
         # the block's 0/1 mask (its dW is multiplied by it, then written back as a block)
-        mb = keep if self.all_c else keep[self.live_c]
-        self.blk_mask = (mb if self.all_r else mb[:, self.live_r]).astype(_F32)
+        if m is not None and self.all_c and self.all_r:
+            self.blk_mask = m                            # the layer's own 0/1 mask (not copied)
+        else:
+            mb = keep if self.all_c else keep[self.live_c]
+            self.blk_mask = (mb if self.all_r else mb[:, self.live_r]).astype(_F32)
         self.blk = None if (self.all_c and self.all_r) else np.zeros((self.nc, self.nr), _F32)
         # a sparse block (fewer than a quarter of it kept) writes its dW entry by entry instead
         self.blk_by_entry = 4 * self.nnz < self.nc * self.nr
