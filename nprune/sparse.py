@@ -872,17 +872,14 @@ class DenseKernelSparse(_KernelBase):
                 if self.blk_by_entry:                      # the kept entries only
                     np.take(gb.reshape(-1), self.blk_pos_t, out=self.gnz, mode="clip")
                     np.put(gW.reshape(-1), self.gidx_t, self.gnz, mode="clip")
-                    gb = None
-                else:
+                else:                                      # the whole block, pruned entries 0
                     gb *= self.blk_mask
-                if gb is None:
-                    pass
-                elif self.all_r:
-                    gW[self.live_c] = gb                   # rows of W: one gather-free scatter
-                elif self.all_c:
-                    gW[:, self.live_r] = gb
-                else:
-                    gW[np.ix_(self.live_c, self.live_r)] = gb
+                    if self.all_r:
+                        gW[self.live_c] = gb               # whole rows of W
+                    elif self.all_c:
+                        gW[:, self.live_r] = gb
+                    else:
+                        gW[np.ix_(self.live_c, self.live_r)] = gb
         if not layer.need_dx:
             return None
         dxl = np.matmul(dl, layer.params["W"].T if self.blk is None else self.blk.T)
