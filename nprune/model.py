@@ -81,6 +81,16 @@ class FeatureMajor:
         return out
 
 
+def _stacked(n: int, pieces) -> np.ndarray | None:
+    """The (start, rows) pieces written into one (n, ...) array (None when there are none)."""
+    out = None
+    for s, y in pieces:
+        if out is None:
+            out = np.empty((n,) + y.shape[1:], y.dtype)
+        out[s:s + len(y)] = y
+    return out
+
+
 class Sequential:
     """A chain of layers.
 
@@ -190,13 +200,8 @@ class Sequential:
         if not train:
             n, chunk = len(x), self._chunk_size()
             if n > chunk:
-                out = None
-                for s in range(0, n, chunk):
-                    y = self._forward(x[s:s + chunk], False)
-                    if out is None:
-                        out = np.empty((n,) + y.shape[1:], y.dtype)
-                    out[s:s + len(y)] = y
-                return out
+                return _stacked(n, ((s, self._forward(x[s:s + chunk], False))
+                                    for s in range(0, n, chunk)))
         return self._forward(x, train)
 
     def _forward(self, x, train):
@@ -270,14 +275,8 @@ class Sequential:
         bs = self._eval_batch(batch_size)
         return FeatureMajor(x, min(self._chunk_size(), bs), period=bs)
 
-    def _logits_fm(self, x: FeatureMajor) -> np.ndarray:
-        out = None
-        for s, v in x.batches():
-            y = self.forward(v, train=False)
-            if out is None:
-                out = np.empty((len(x),) + y.shape[1:], y.dtype)
-            out[s:s + len(y)] = y
-        return out
+    def _logits_fm(self, x: FeatureMajor) -> np.ndarray | None:
+        return _stacked(len(x), ((s, self.forward(v, train=False)) for s, v in x.batches()))
 
     def predict(self, x: np.ndarray, batch_size: int = 2000) -> np.ndarray:
         """Logits for ``x`` (an array or a :class:`FeatureMajor`) computed in batches, without
