@@ -81,6 +81,12 @@ class FeatureMajor:
         return out
 
 
+def _may_run_sparse(layer) -> bool:
+    """The layer has a kernel that is not routed to the dense code at every batch size and mode."""
+    k = getattr(layer, "kernel", None)
+    return k is not None and not getattr(k, "all_dense", False)
+
+
 def _stacked(n: int, pieces) -> np.ndarray | None:
     """The (start, rows) pieces written into one (n, ...) array (None when there are none)."""
     out = None
@@ -223,8 +229,7 @@ class Sequential:
     def _chunk_size(self) -> int:
         if self._has_conv():
             return self.conv_eval_batch
-        sparse = any(getattr(l, "kernel", None) is not None and not getattr(l.kernel, "all_dense", False)
-                     for l in self.layers)
+        sparse = any(_may_run_sparse(l) for l in self.layers)
         return self.eval_chunk if sparse else self.dense_eval_chunk
 
     def _has_conv(self) -> bool:
@@ -265,8 +270,7 @@ class Sequential:
         if self._has_conv() or not self.layers:
             return False
         first = self.layers[self._first_param]
-        k = getattr(first, "kernel", None)
-        return isinstance(first, Dense) and k is not None and not getattr(k, "all_dense", False)
+        return isinstance(first, Dense) and _may_run_sparse(first)
 
     def feature_major(self, x: np.ndarray, batch_size: int = 2000) -> FeatureMajor:
         """``x`` as a :class:`FeatureMajor` copy whose blocks are the row chunks that

@@ -149,8 +149,7 @@ class Optimizer:
         through memory (LeNet-300-100's step: ~6% shorter)."""
         need = {}
         for p, g, m, *state in items:
-            slots = [i for i, a in enumerate(state) if a is None]
-            for k, _ in enumerate(slots):
+            for k in range(sum(a is None for a in state)):
                 key = (k, p.dtype.str)
                 need[key] = max(need.get(key, 0), p.size)
         bufs = {key: np.empty(n, np.dtype(key[1])) for key, n in need.items()}

@@ -131,6 +131,11 @@ _F32 = np.float32
 _DENSE = ("dense",)   # kernel cache marker: the last forward ran the dense path
 
 
+def _live(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the rows and of the columns of a 2-D mask that keep at least one entry."""
+    return np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
+
+
 class SparseMatrix:
     """The pruned matrix ``A`` (R, C), a view of a weight array through ``flat`` indices.
 
@@ -146,10 +151,7 @@ class SparseMatrix:
     def rebuild(self, mask2d: np.ndarray | None) -> None:
         R, C = self.R, self.C
         m = np.ones((R, C), bool) if mask2d is None else (np.asarray(mask2d) != 0)
-        rows_alive = m.any(axis=1)
-        cols_alive = m.any(axis=0)
-        self.live_r = np.flatnonzero(rows_alive)
-        self.live_c = np.flatnonzero(cols_alive)
+        self.live_r, self.live_c = _live(m)
         self.all_r = self.live_r.size == R
         self.all_c = self.live_c.size == C
         nr, nc = self.live_r.size, self.live_c.size
@@ -644,8 +646,8 @@ class DenseKernelSparse(_KernelBase):
     mask), written back as a block into ``grads['W']`` (entry by entry when under a quarter of the
     block is kept); ``dx[:, live_in] = dy_l @ Wb.T``. It pays when the live block is dense, i.e. when
     pruning has removed whole units (structured masks); on IMP masks the live block is about as
-    sparse as W and CSR wins. Per call (samples, train, dx, input order) the kernel picks compact or CSR with the
-    cost model :data:`COST` (:meth:`_compact_pays`), or as forced by ``modes``.
+    sparse as W and CSR wins. Per call (samples, train, dx, input order) the kernel picks compact or
+    CSR with the cost model :data:`COST` (:meth:`_compact_pays`), or as forced by ``modes``.
 
     Values are re-gathered from ``W`` on every forward (``np.take``, nnz elements), so optimisers may
     update ``W`` in place; the index structure is rebuilt only by :meth:`mask_changed`.
@@ -757,8 +759,7 @@ class DenseKernelSparse(_KernelBase):
         self.density = self.nnz / max(R * C, 1)
         # compaction: the live block Wb = W[live_c][:, live_r] (nc, nr) and, in the order of gidx_t
         # (row-major of W), the positions of the kept weights inside it
-        self.live_c = np.flatnonzero(keep.any(axis=1))   # inputs with a kept weight
-        self.live_r = np.flatnonzero(keep.any(axis=0))   # outputs (units) with a kept weight
+        self.live_c, self.live_r = _live(keep)           # inputs, outputs (units) with a kept weight
         self.nc, self.nr = self.live_c.size, self.live_r.size
         self.all_c, self.all_r = self.nc == C, self.nr == R
         # the block's 0/1 mask (its dW is multiplied by it, then written back as a block)
