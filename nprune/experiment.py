@@ -318,18 +318,26 @@ def _load_data(recipe: Recipe, data_dir, download: bool):
     return prepare(raw, n_val=recipe.n_val, seed=0)
 
 
-def _task(payload) -> str:
-    """Worker entry for --jobs: one (seed, strategy or dense) of one recipe."""
-    recipe, run_dir, seed, strategy, rounds, data_dir, download, quiet, kernel = payload
-    data = _load_data(recipe, data_dir, download)
-    imp = IMP(recipe, run_dir, data, kernel=kernel)
-    todo = recipe.iterations * (1 if strategy == "dense" else rounds)
-    imp.progress = Progress(recipe.net, todo, quiet)
+_WORKER_DATA: dict = {}   # a worker process loads the data once and keeps it for its later tasks
+
+
+def _task(payload) -> tuple:
+    """Worker entry for --jobs: one round, ``(seed, "dense", 0)`` or ``(seed, strategy, r)``, whose
+    previous round is finished. Returns ``(seed, strategy, r, finished, diverged)``."""
+    recipe, run_dir, seed, strategy, r, data_dir, download, quiet, kernel = payload
+    key = (recipe.dataset, recipe.n_val, data_dir)
+    if key not in _WORKER_DATA:
+        _WORKER_DATA.clear()
+        _WORKER_DATA[key] = _load_data(recipe, data_dir, download)
+    imp = IMP(recipe, run_dir, _WORKER_DATA[key], kernel=kernel)
+    imp.progress = Progress(recipe.net, recipe.iterations, quiet)
     if strategy == "dense":
         imp.run_dense(seed)
     else:
-        imp.run_strategy(seed, strategy, rounds)
-    return f"{recipe.net} seed {seed} {strategy}"
+        imp.run_strategy(seed, strategy, r)   # rounds < r are on disk: this runs round r only
+    done = imp.is_done(seed, strategy, r)
+    diverged = done and bool(load_json(imp.round_dir(seed, strategy, r) / "metrics.json").get("diverged"))
+    return seed, strategy, r, done, diverged
 
 
 def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bool, kernel) -> Path:
@@ -358,31 +366,87 @@ def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bo
 
 
 def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel) -> None:
-    """Phase 1: the dense round of every seed; phase 2: every (seed, strategy). Each worker is a
-    fresh process whose BLAS uses cores // jobs threads."""
+    """Run the job's rounds on ``jobs`` worker processes, one round per task.
+
+    A seed's dense round 0 comes first; each (seed, strategy) chain then runs its rounds in order,
+    round r once round r - 1 is on disk. Whenever a worker is free it takes the ready round of the
+    chain with the most rounds still to run (a dense round counts its seed's chains), so the workers
+    stay busy until the last chains: 5 seeds x 2 strategies on 2 workers end at about half the total
+    work, where whole chains per task would leave one worker idle through a dense round. Each round
+    gives the same numbers in whichever process runs it (a resume is the same thing). Each worker is
+    a fresh process whose BLAS uses cores // jobs threads."""
     import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     saved = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    imp = IMP(recipe, run_dir, kernel=kernel)
+    rounds, seeds, strategies = job["rounds"], job["seeds"], job["strategies"]
+    # ready[(seed, strategy)] = the next round to run, for chains free to run it; a seed's dense
+    # round is the key (seed, "dense") with round 0. left[key] = rounds still to run behind that key.
+    ready, left, waiting = {}, {}, {}
+    for s in seeds:
+        chains = {st: _next_round(imp, s, st, rounds) for st in strategies}
+        chains = {st: r for st, r in chains.items() if r is not None}
+        if not imp.is_done(s, "dense", 0):
+            ready[(s, "dense")] = 0
+            left[(s, "dense")] = 1 + sum(rounds - r + 1 for r in chains.values())
+            waiting[s] = [(s, st) for st in chains]
+        else:
+            for st, r in chains.items():
+                ready[(s, st)], left[(s, st)] = r, rounds - r + 1
+    total = _remaining_iterations(imp, job)
+
+    def priority(key):
+        return (left[key], -seeds.index(key[0]), key[1] == "dense")
+
+    common = (data_dir, download, quiet, kernel)
+    t0, done_it = time.perf_counter(), 0
     for k in saved:
         os.environ[k] = threads
     try:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(jobs) as pool:
-            common = (data_dir, download, quiet, kernel)
-            phase1 = [(recipe, run_dir, s, "dense", 0) + common for s in job["seeds"]]
-            for msg in pool.imap_unordered(_task, phase1):
-                pass
-            phase2 = [(recipe, run_dir, s, st, job["rounds"]) + common
-                      for s in job["seeds"] for st in job["strategies"]]
-            for msg in pool.imap_unordered(_task, phase2):
-                if not quiet:
-                    print(f"finished: {msg}", file=sys.stderr, flush=True)
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            running = {}
+            while ready or running:
+                while ready and len(running) < jobs:
+                    key = max(ready, key=priority)
+                    r = ready.pop(key)
+                    fut = pool.submit(_task, (recipe, run_dir, key[0], key[1], r) + common)
+                    running[fut] = key
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    key = running.pop(fut)
+                    s, st, r, ok, diverged = fut.result()   # a worker's exception is raised here
+                    done_it += recipe.iterations
+                    if st == "dense":
+                        for chain in waiting.pop(s) if ok and not diverged else ():
+                            ready[chain] = _next_round(imp, *chain, rounds)
+                            left[chain] = rounds - ready[chain] + 1
+                    elif ok and not diverged and r < rounds:
+                        ready[key] = r + 1
+                        left[key] = rounds - r
+                    if not quiet:
+                        el = time.perf_counter() - t0
+                        eta = el / done_it * max(0, total - done_it)
+                        name = "dense round 0" if st == "dense" else f"{st} round {r}"
+                        print(f"finished: {recipe.net} seed {s} {name} ({done_it}/{total} iterations, "
+                              f"elapsed {_hms(el)}, eta {_hms(eta)})", file=sys.stderr, flush=True)
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _next_round(imp: IMP, seed: int, strategy: str, rounds: int) -> int | None:
+    """The first round of a chain that is not on disk, or None when the chain is finished (all
+    rounds done, or a finished round diverged)."""
+    for r in range(1, rounds + 1):
+        if not imp.is_done(seed, strategy, r):
+            return r
+        if load_json(imp.round_dir(seed, strategy, r) / "metrics.json").get("diverged"):
+            return None
+    return None
 
 
 def cmd_report(argv) -> int:

@@ -139,6 +139,35 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
             assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
+def test_jobs_2_gives_the_bits_of_one_process_and_resumes(tmp_path):
+    """--jobs 2 runs one round per task on two worker processes; every saved number equals a
+    one-process run's (both at 1 BLAS thread), also when it resumes a folder with whole seeds and
+    single rounds missing. 3 seeds x 2 strategies: the scheduler's waiting/ready paths all run."""
+    import shutil
+    data = _real_mnist()
+    args = ["--net", "lenet300", "--strategies", "rewind,reinit", "--rounds", "2", "--seeds", "3",
+            "--iterations", "60", "--eval-every", "30", "--val", "1000", "--data-dir", str(data)]
+    one = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    r = _cli(*args, "--out", str(tmp_path / "a"), "--quiet", env=one)
+    assert r.returncode == 0, r.stderr
+    r = _cli(*args, "--out", str(tmp_path / "b"), "--jobs", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("finished: lenet300 seed") == 3 * (1 + 2 * 2)
+    a = next((tmp_path / "a").glob("lenet300-*"))
+    b = next((tmp_path / "b").glob("lenet300-*"))
+    files_a = _run_files(a)
+    assert _run_files(b) == files_a
+    # resume: seed 2 entirely gone, seed 1's reinit round 2 and seed 0's rewind rounds 1-2 gone
+    c = tmp_path / "c" / a.name
+    shutil.copytree(a, c)
+    for rel in ("seed_2", "seed_1/reinit/round_2", "seed_0/rewind"):
+        shutil.rmtree(c / rel)
+    r = _cli(*args, "--out", str(tmp_path / "c"), "--jobs", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("finished: lenet300 seed") == (1 + 2 * 2) + 1 + 2
+    assert _run_files(c) == files_a
+
+
 # ---------------------------------------------------------------------------------------------------
 # --kernel auto (the default): thresholds saved in the run folder, reused on resume, one-line errors
 
