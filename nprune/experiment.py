@@ -403,39 +403,56 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel)
     t0, done_it = time.perf_counter(), 0
     for k in saved:
         os.environ[k] = threads
+    pool = None
     try:
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            running = {}
-            while ready or running:
-                while ready and len(running) < jobs:
-                    key = max(ready, key=priority)
-                    r = ready.pop(key)
-                    fut = pool.submit(_task, (recipe, run_dir, key[0], key[1], r) + common)
-                    running[fut] = key
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    key = running.pop(fut)
-                    s, st, r, ok, diverged = fut.result()   # a worker's exception is raised here
-                    done_it += recipe.iterations
-                    if st == "dense":
-                        for chain in waiting.pop(s) if ok and not diverged else ():
-                            ready[chain] = _next_round(imp, *chain, rounds)
-                            left[chain] = rounds - ready[chain] + 1
-                    elif ok and not diverged and r < rounds:
-                        ready[key] = r + 1
-                        left[key] = rounds - r
-                    if not quiet:
-                        el = time.perf_counter() - t0
-                        eta = el / done_it * max(0, total - done_it)
-                        name = "dense round 0" if st == "dense" else f"{st} round {r}"
-                        print(f"finished: {recipe.net} seed {s} {name} ({done_it}/{total} iterations, "
-                              f"elapsed {_hms(el)}, eta {_hms(eta)})", file=sys.stderr, flush=True)
+        pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+        running = {}
+        while ready or running:
+            while ready and len(running) < jobs:
+                key = max(ready, key=priority)
+                r = ready.pop(key)
+                fut = pool.submit(_task, (recipe, run_dir, key[0], key[1], r) + common)
+                running[fut] = key
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                key = running.pop(fut)
+                s, st, r, ok, diverged = fut.result()   # a worker's exception is raised here
+                done_it += recipe.iterations
+                if st == "dense":
+                    for chain in waiting.pop(s) if ok and not diverged else ():
+                        ready[chain] = _next_round(imp, *chain, rounds)
+                        left[chain] = rounds - ready[chain] + 1
+                elif ok and not diverged and r < rounds:
+                    ready[key] = r + 1
+                    left[key] = rounds - r
+                if not quiet:
+                    el = time.perf_counter() - t0
+                    eta = el / done_it * max(0, total - done_it)
+                    name = "dense round 0" if st == "dense" else f"{st} round {r}"
+                    print(f"finished: {recipe.net} seed {s} {name} ({done_it}/{total} iterations, "
+                          f"elapsed {_hms(el)}, eta {_hms(eta)})", file=sys.stderr, flush=True)
+    except BaseException:
+        # Ctrl-C (the workers ignore it) or a worker's error: stop the rounds in flight at once.
+        # Their files are written atomically, so a stopped round leaves nothing half-written.
+        procs = getattr(pool, "_processes", None) or {}   # ProcessPoolExecutor has no public kill
+        for proc in list(procs.values()):
+            proc.terminate()
+        raise
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _worker_init() -> None:
+    """A --jobs worker ignores SIGINT: Ctrl-C reaches the whole process group, and the parent
+    alone handles it (it stops the workers and prints one line)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _next_round(imp: IMP, seed: int, strategy: str, rounds: int) -> int | None:

@@ -168,6 +168,33 @@ def test_jobs_2_gives_the_bits_of_one_process_and_resumes(tmp_path):
     assert _run_files(c) == files_a
 
 
+def test_ctrl_c_with_jobs_2_is_one_line_and_resumable(tmp_path):
+    """Ctrl-C (SIGINT to the process group) during a --jobs 2 run: the workers ignore it, the parent
+    stops them at once and prints one line, exit 130, no traceback; the same command finishes it."""
+    data = _real_mnist()
+    args = ["--net", "lenet300", "--strategies", "rewind,reinit", "--rounds", "2", "--seeds", "3",
+            "--iterations", "300", "--eval-every", "100", "--val", "1000", "--data-dir", str(data),
+            "--out", str(tmp_path), "--jobs", "2"]
+    p = subprocess.Popen([sys.executable, "-m", "nprune.experiment", *args], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    for line in p.stderr:
+        if "finished: lenet300 seed 1 dense" in line:
+            break
+    os.killpg(p.pid, signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=30) == 130
+    assert "Traceback" not in rest
+    assert rest.strip().splitlines()[-1].startswith("nprune: interrupted")
+    run = next(tmp_path.glob("lenet300-*"))
+    assert not (run / "seed_2" / "reinit" / "round_2" / "metrics.json").exists()
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr
+    for s in range(3):
+        for st in ("rewind", "reinit"):
+            assert (run / f"seed_{s}" / st / "round_2" / "metrics.json").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # --kernel auto (the default): thresholds saved in the run folder, reused on resume, one-line errors
 
