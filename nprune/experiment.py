@@ -381,23 +381,22 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel)
     saved = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     imp = IMP(recipe, run_dir, kernel=kernel)
     rounds, seeds, strategies = job["rounds"], job["seeds"], job["strategies"]
-    # ready[(seed, strategy)] = the next round to run, for chains free to run it; a seed's dense
-    # round is the key (seed, "dense") with round 0. left[key] = rounds still to run behind that key.
-    ready, left, waiting = {}, {}, {}
+    # ready[(seed, strategy)] = the next round of a chain free to run it; a seed's unfinished dense
+    # round is ready as (seed, "dense"): 0, and its chains wait in waiting[seed] until it is done
+    ready, waiting = {}, {}
     for s in seeds:
-        chains = {st: _next_round(imp, s, st, rounds) for st in strategies}
-        chains = {st: r for st, r in chains.items() if r is not None}
-        if not imp.is_done(s, "dense", 0):
-            ready[(s, "dense")] = 0
-            left[(s, "dense")] = 1 + sum(rounds - r + 1 for r in chains.values())
-            waiting[s] = [(s, st) for st in chains]
+        chains = {(s, st): _next_round(imp, s, st, rounds) for st in strategies}
+        chains = {key: r for key, r in chains.items() if r is not None}
+        if imp.is_done(s, "dense", 0):
+            ready.update(chains)
         else:
-            for st, r in chains.items():
-                ready[(s, st)], left[(s, st)] = r, rounds - r + 1
+            ready[(s, "dense")], waiting[s] = 0, chains
     total = _remaining_iterations(imp, job)
 
-    def priority(key):
-        return (left[key], -seeds.index(key[0]), key[1] == "dense")
+    def rounds_left(key):   # the scheduling priority; ties go to the earlier seed
+        if key[1] == "dense":
+            return 1 + sum(rounds - r + 1 for r in waiting[key[0]].values()), -seeds.index(key[0])
+        return rounds - ready[key] + 1, -seeds.index(key[0])
 
     common = (data_dir, download, quiet, kernel)
     t0, done_it = time.perf_counter(), 0
@@ -409,7 +408,7 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel)
         running = {}
         while ready or running:
             while ready and len(running) < jobs:
-                key = max(ready, key=priority)
+                key = max(ready, key=rounds_left)
                 r = ready.pop(key)
                 fut = pool.submit(_task, (recipe, run_dir, key[0], key[1], r) + common)
                 running[fut] = key
@@ -419,12 +418,11 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel)
                 s, st, r, ok, diverged = fut.result()   # a worker's exception is raised here
                 done_it += recipe.iterations
                 if st == "dense":
-                    for chain in waiting.pop(s) if ok and not diverged else ():
-                        ready[chain] = _next_round(imp, *chain, rounds)
-                        left[chain] = rounds - ready[chain] + 1
+                    chains = waiting.pop(s)
+                    if ok and not diverged:
+                        ready.update(chains)
                 elif ok and not diverged and r < rounds:
                     ready[key] = r + 1
-                    left[key] = rounds - r
                 if not quiet:
                     el = time.perf_counter() - t0
                     eta = el / done_it * max(0, total - done_it)
