@@ -332,12 +332,11 @@ def _task(payload) -> tuple:
     imp = IMP(recipe, run_dir, _WORKER_DATA[key], kernel=kernel)
     imp.progress = Progress(recipe.net, recipe.iterations, quiet)
     if strategy == "dense":
-        imp.run_dense(seed)
-    else:
-        imp.run_strategy(seed, strategy, r)   # rounds < r are on disk: this runs round r only
-    done = imp.is_done(seed, strategy, r)
-    diverged = done and bool(load_json(imp.round_dir(seed, strategy, r) / "metrics.json").get("diverged"))
-    return seed, strategy, r, done, diverged
+        last = imp.run_dense(seed)
+    else:   # rounds < r are on disk: this runs round r only (or stops early, as a resume would)
+        last = imp.run_strategy(seed, strategy, r)[-1]
+    done = last["round"] == r
+    return seed, strategy, r, done, done and bool(last.get("diverged"))
 
 
 def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bool, kernel) -> Path:
