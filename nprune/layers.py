@@ -324,6 +324,10 @@ class Conv2D(Layer):
         """
         if self.kernel is not None:
             return self.kernel.forward(self, x, train)
+        return self.dense_forward(x, train)
+
+    def dense_forward(self, x, train=True):
+        """The masked dense forward (the default kernel; also the fallback of nprune.sparse)."""
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2D expects (N, {self.in_channels}, H, W), got {x.shape}")
@@ -358,6 +362,10 @@ class Conv2D(Layer):
         """
         if self.kernel is not None:
             return self.kernel.backward(self, dout)
+        return self.dense_backward(dout)
+
+    def dense_backward(self, dout):
+        """The masked dense backward (the default kernel; also the fallback of nprune.sparse)."""
         xt_shape, cols = self._get_cache()
         f = self.out_channels
         k, m = cols.shape
