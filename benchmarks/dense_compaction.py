@@ -19,7 +19,7 @@ from _common import env_info, env_line, md_table, save_json, time_side_by_side
 import numpy as np  # after _common (it applies --blas-threads before NumPy loads)
 
 from nprune.layers import Dense
-from nprune.sparse import DenseKernelSparse
+from nprune.kernels import DenseKernelSparse
 
 
 def masks(rng):
@@ -43,9 +43,9 @@ def main():
         layer = Dense(784, 300, rng)
         layer.need_dx = False
         layer.set_mask("W", m)
-        kernels = {"dense": None, "csr": DenseKernelSparse(layer, "sparse", {"fwd": "sparse"}),
-                   "compact": DenseKernelSparse(layer, "sparse", {"fwd": "compact"}),
-                   "model": DenseKernelSparse(layer, "sparse")}
+        kernels = {"dense": None, "csr": DenseKernelSparse(layer, {"fwd": "sparse"}),
+                   "compact": DenseKernelSparse(layer, {"fwd": "compact"}),
+                   "model": DenseKernelSparse(layer)}
         for n, train in ((60, True), (10_000, False)):
             x = rng.random((n, 784), dtype=np.float32)
             d = rng.standard_normal((n, 300)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Kernel-level benchmark of nprune.sparse on the real LeNet layer shapes.
+"""Kernel-level benchmark of nprune.kernels on the real LeNet layer shapes.
 
 For each layer (LeNet-300-100 fc1/fc2/fc3, LeNet-5 conv1/conv2/fc1/fc2), density and batch size it
 times, side by side (interleaved round robin, median of repeats):
@@ -8,9 +8,9 @@ times, side by side (interleaved round robin, median of repeats):
 
 for the variants ``dense`` (masked dense path, layer.kernel=None), ``csr`` (all products sparse; Dense:
 CSR forward, SDDMM dW, dX with the CSR of W), ``csc`` (as csr but dX with the CSC reading of A),
-``compact`` (dead rows/cols dropped, dense GEMMs on the live block) and ``auto`` (what ``set_kernel("auto")``
+``compact`` (dead rows/cols dropped, dense GEMMs on the live block) and ``auto`` (what ``apply_kernel(model, "auto")``
 attaches: the deterministic lookup in the thresholds table in use -- the user's calibration from
-``python -m nprune.sparse --calibrate`` if there is one, else the shipped table; printed at the top --
+``python -m nprune.kernels.calibrate calibrate`` if there is one, else the shipped table; printed at the top --
 or no kernel at all when the table has no threshold for the layer's shape; the "auto chose" column
 gives the threshold it compared the density with). Masks are RANDOM (uniform, per weight) at
 the given density, so compaction only helps where random masks kill whole rows (very low densities).
@@ -30,8 +30,8 @@ from _common import RESULTS, env_info, env_line, md_table, save_json, time_side_
 import numpy as np  # after _common (it applies --blas-threads before NumPy loads)
 
 from nprune.layers import Conv2D, Dense
-from nprune.sparse import (ConvKernelSparse, DenseKernelSparse, _batch_class, active_thresholds,
-                           auto_kernel)
+from nprune.kernels import ConvKernelSparse, DenseKernelSparse, active_thresholds, auto_kernel
+from nprune.kernels.thresholds import batch_class
 
 LAYERS = [
     # name, kind, args, input shape (without batch), need_dx in its network
@@ -74,7 +74,7 @@ def bench_one(spec, density, batch, ops, repeats, rng):
         dout = np.asfortranarray(dout)
     kernels = {"dense": None, "dense2": None}   # dense2: the same dense path again (noise floor)
     for v, modes in VARIANTS.items():
-        kernels[v] = K(layer, "sparse", modes)
+        kernels[v] = K(layer, modes)
     kernels["auto"] = auto_kernel(layer)        # None: no threshold for this shape -> plain dense
     res = {}
     for op in ops:
@@ -103,10 +103,10 @@ def bench_one(spec, density, batch, ops, repeats, rng):
             plan = {"use_kernel": False, "threshold": None, "attached": True, "all_dense": True}
         else:
             dec = [v for k, v in ka.decisions.items()
-                   if k[0] == _batch_class(batch) and k[1] == (op == "step")]
+                   if k[0] == batch_class(batch) and k[1] == (op == "step")]
             if dec:
                 plan = dict(ka.last_plan, threshold=dec[0]["threshold"], attached=True)
-            else:                # this mode goes to the dense code without a lookup (_route)
+            else:                # this mode goes to the dense code without a lookup (dense_modes)
                 plan = {"use_kernel": False, "threshold": None, "attached": True,
                         "mode_dense": ka.dense_modes}
         res[op] = {"times": t, "auto_plan": plan}
@@ -242,7 +242,7 @@ def torch_compare(quick, repeats):
         layer = Dense(784, 300, rng)
         layer.set_mask("W", W != 0)
         layer.params["W"][...] = W
-        k = DenseKernelSparse(layer, "sparse", VARIANTS["csr"])
+        k = DenseKernelSparse(layer, VARIANTS["csr"])
         fns = {"numpy dense": lambda: x @ W, "torch dense": lambda: tx @ tW,
                "torch.sparse csr": lambda: torch.sparse.mm(tWs, tx.T),
                "nprune csr": lambda: k.forward(layer, x, False)}

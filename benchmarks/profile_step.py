@@ -29,7 +29,7 @@ ap.add_argument("--nets", default="lenet300,lenet5")
 ap.add_argument("--steps", type=int, default=200)
 ap.add_argument("--warmup", type=int, default=20)
 ap.add_argument("--threads", type=int, default=None, help="BLAS threads (default: library default)")
-ap.add_argument("--data-dir", default="/work/shared/data/mnist")
+ap.add_argument("--data-dir", default=None, help="MNIST folder (default: $NPRUNE_DATA_DIR, else the per-user cache)")
 ap.add_argument("--rounds", type=int, default=0,
                 help="profile a pruned net: random masks at R rounds of F&C's rates (default 0: dense)")
 ap.add_argument("--kernel", choices=["auto", "dense", "sparse"], default="auto",
@@ -42,6 +42,7 @@ if args.threads:
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nprune.kernels import apply_kernel  # noqa: E402
 from nprune.losses import softmax_cross_entropy  # noqa: E402
 from nprune.nets import build  # noqa: E402
 from nprune.optim import make_optimizer  # noqa: E402
@@ -71,7 +72,7 @@ def profile(net, x, y, steps, warmup):
             p = 0.9 ** args.rounds if (k.startswith(last + ".") or k.startswith("conv")) else 0.8 ** args.rounds
             masks[k] = rng.random(m.shape) < p
         model.set_masks(masks)
-        model.set_kernel(args.kernel)
+        apply_kernel(model, args.kernel)
         left = sum(int(m.sum()) for m in masks.values()) / sum(m.size for m in masks.values())
         print(f"({net}: random masks of {args.rounds} rounds, {100 * left:.2f}% of weights left, "
               f"kernel {args.kernel})")

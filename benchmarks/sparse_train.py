@@ -11,9 +11,9 @@ Variants (each trains its own copy from the same weights, masks and data order; 
 in a rotating order):
 * ``dense``: masked dense kernels + the dense optimiser (``compact=False``) -- the pre-issue-4 path;
 * ``dense+copt``: masked dense kernels + the compact optimiser (nprune.optim's default now);
-* ``auto``: ``set_kernel("auto")`` + the compact optimiser: per layer, the sparse kernel iff the
+* ``auto``: ``apply_kernel(model, "auto")`` + the compact optimiser: per layer, the sparse kernel iff the
   mask density is <= the threshold of the thresholds table in use (the user's calibration from
-  ``python -m nprune.sparse --calibrate`` if any, else the shipped table) -- a lookup, no timing;
+  ``python -m nprune.kernels.calibrate calibrate`` if any, else the shipped table) -- a lookup, no timing;
 * ``dense+copt again``: ``dense+copt`` a second time, to show the noise floor of the comparison.
 Speedups are against ``dense``; "auto / dense+copt" isolates the kernels (same optimiser).
 Inference: ``model.forward(x_test[:10000], train=False)`` (C-ordered input), and the same images from
@@ -21,7 +21,7 @@ each model's :meth:`~nprune.model.Sequential.feature_major` copy (``model.predic
 the training loop evaluates from when the first layer may run sparse; the feature-major speed-up is
 against the faster of dense's two layouts.
 
-Usage: python benchmarks/sparse_train.py [--quick] [--blas-threads N] [--data-dir /work/shared/data/mnist]
+Usage: python benchmarks/sparse_train.py [--quick] [--blas-threads N] [--data-dir DIR]
 Writes benchmarks/results/sparse_train.json and sparse_train.png.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import numpy as np  # after _common (it applies --blas-threads before NumPy load
 
 from nprune import nets
 from nprune.datasets import load_dataset, prepare
+from nprune.kernels import active_thresholds, apply_kernel, kernel_report
 from nprune.optim import Adam
 from nprune.prune import magnitude_layerwise
 from nprune.train import batches
@@ -53,7 +54,8 @@ def train_steps(model, opt, data, idx_list):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--data-dir", default="/work/shared/data/mnist")
+    ap.add_argument("--data-dir", default=None,
+                    help="MNIST folder (default: $NPRUNE_DATA_DIR, else the per-user cache)")
     ap.add_argument("--nets", default="lenet300,lenet5")
     ap.add_argument("--blas-threads", type=int, default=None,
                     help="OpenBLAS threads (set before NumPy loads, see _common.py)")
@@ -64,7 +66,6 @@ def main():
     steps = 200 if a.quick else 600
     blocks = 4 if a.quick else 6
     iters_round = 150 if a.quick else 500
-    from nprune.sparse import active_thresholds
     th = active_thresholds()
     print(f"# Training-level benchmark (IMP masks from magnitude pruning of trained weights)\n\n{env_line()}\n"
           f"s/epoch = time per step (median of {blocks} interleaved blocks of {steps // blocks} steps, "
@@ -105,7 +106,7 @@ def main():
                 m = nets.build(net, np.random.default_rng(0))
                 m.set_masks(masks)
                 m.set_weights(w0)
-                m.set_kernel("auto" if choice == "auto" else "dense")
+                apply_kernel(m, "auto" if choice == "auto" else "dense")
                 models[choice] = (m, Adam(m, 1.2e-3, compact=False if choice == "dense" else None))
             # one warm-up step each, timed (first-call costs: buffers, the kernels' structures and
             # auto's table lookups; reported separately; steady state below)
@@ -153,7 +154,6 @@ def main():
             idn, ia = np.median(inf[("dense", "C")]), np.median(inf[("auto", "C")])
             idf, iaf = np.median(inf[("dense", "FM")]), np.median(inf[("auto", "FM")])
             best_dense = min(idn, idf)
-            from nprune.sparse import kernel_report
             rep = kernel_report(models["auto"][0])
             chosen = ", ".join(
                 f"{r['layer']}:" + ("none" if r["kernel"] == "dense" else "dense" if r["dense_everywhere"]

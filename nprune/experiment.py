@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer kernels: dense (masked dense GEMMs), sparse (always the sparse "
                         "kernels) or auto (per layer, the sparse kernel where the mask's density is "
                         "below the thresholds measured for its shape and batch size; see python -m "
-                        "nprune.sparse --help). A run folder keeps the thresholds of its first run "
+                        "nprune.kernels.calibrate --help). A run folder keeps the thresholds of its first run "
                         "(kernel_thresholds.json), so a resumed run makes the same choices; the "
                         "kernel is not part of the recipe hash")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -482,6 +482,7 @@ def cmd_train(argv) -> int:
     """Train one dense network and print validation/test accuracy after every epoch."""
     import numpy as np
     from .datasets import load_dataset, prepare
+    from .kernels import apply_kernel
     from .train import TrainConfig, train
     p = _Parser(prog="python -m nprune.experiment train",
                 description="Train one dense network (no pruning) and print its accuracy per epoch. "
@@ -538,7 +539,7 @@ def cmd_train(argv) -> int:
     runs = []
     for seed in seeds:
         model = nets.build(a.net, np.random.default_rng([seed, 0, 0]), init=a.init)
-        model.set_kernel(a.kernel)
+        apply_kernel(model, a.kernel)
         print(f"{a.net} on {a.dataset}, seed {seed}: {cfg}", flush=True)
         print("| epoch | iteration | train loss | val loss | val acc % | test acc % | elapsed s |")
         print("|---|---|---|---|---|---|---|")
@@ -626,7 +627,7 @@ def cmd_run(argv) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from .datasets import DataError
-    from .sparse import ThresholdsError
+    from .kernels import ThresholdsError
     from .train import DivergenceError
     try:
         if argv and argv[0] == "report":

@@ -70,7 +70,7 @@ class Layer:
         self.prunable: tuple[str, ...] = ()
         self.need_dx: bool = True
         self._cache = None
-        # Optional accelerated implementation (see nprune.sparse). When set, Dense and Conv2D hand
+        # Optional accelerated implementation (see nprune.kernels). When set, Dense and Conv2D hand
         # forward/backward to ``kernel.forward(layer, x, train)`` / ``kernel.backward(layer, dout)``
         # and set_mask calls ``kernel.mask_changed(layer)``. None = the dense code below.
         self.kernel = None
@@ -188,7 +188,7 @@ class Dense(Layer):
         return self.dense_forward(x, train)
 
     def dense_forward(self, x, train=True):
-        """The masked dense forward (the default kernel; also the fallback of nprune.sparse)."""
+        """The masked dense forward (the default kernel; also what nprune.kernels falls back to)."""
         x = np.asarray(x)
         if x.dtype != self.dtype:
             x = x.astype(self.dtype)
@@ -211,7 +211,7 @@ class Dense(Layer):
         return self.dense_backward(dout)
 
     def dense_backward(self, dout):
-        """The masked dense backward (the default kernel; also the fallback of nprune.sparse)."""
+        """The masked dense backward (the default kernel; also what nprune.kernels falls back to)."""
         x = self._get_cache()
         np.matmul(x.T, dout, out=self.grads["W"])
         self._mask_grad("W")
@@ -324,6 +324,10 @@ class Conv2D(Layer):
         """
         if self.kernel is not None:
             return self.kernel.forward(self, x, train)
+        return self.dense_forward(x, train)
+
+    def dense_forward(self, x, train=True):
+        """The masked dense forward (the default kernel; also what nprune.kernels falls back to)."""
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2D expects (N, {self.in_channels}, H, W), got {x.shape}")
@@ -358,6 +362,10 @@ class Conv2D(Layer):
         """
         if self.kernel is not None:
             return self.kernel.backward(self, dout)
+        return self.dense_backward(dout)
+
+    def dense_backward(self, dout):
+        """The masked dense backward (the default kernel; also what nprune.kernels falls back to)."""
         xt_shape, cols = self._get_cache()
         f = self.out_channels
         k, m = cols.shape

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import nets
+from .kernels import THRESHOLDS_FILE, active_thresholds, apply_kernel, load_thresholds
 from .prune import SCOPES, prune, sparsity_report
 from .runs import (atomic_save_npz, atomic_write_json, dataclass_dict, load_json, load_npz,
                    stable_hash)
@@ -162,14 +163,13 @@ class IMP:
         The kernel is an execution detail, not part of the recipe (its hash): like the BLAS thread
         count it changes only the last float32 bits. What fixes auto's choices is its thresholds
         table, so the first run of a folder saves the table in use
-        (:func:`nprune.sparse.active_thresholds`) as ``kernel_thresholds.json`` (atomically), and
+        (:func:`nprune.kernels.active_thresholds`) as ``kernel_thresholds.json`` (atomically), and
         every later run of the folder -- a resume, more seeds or rounds -- uses the saved table,
         whatever the user's calibration says by then: a resumed run makes the same kernel choices
         and gives the same bits. ``save=False`` only reads (and validates)."""
         if self.kernel != "auto":
             return None
         if self._thresholds is None:
-            from .sparse import THRESHOLDS_FILE, active_thresholds, load_thresholds
             path = self.dir / THRESHOLDS_FILE
             if path.exists():
                 self._thresholds = load_thresholds(path)
@@ -178,7 +178,7 @@ class IMP:
                 if not save:
                     return table
                 atomic_write_json(path, {k: v for k, v in table.items() if k != "measurements"})
-                self._thresholds = load_thresholds(path)
+                self._thresholds = table
         return self._thresholds
 
     # ----- paths ---------------------------------------------------------------------------------
@@ -196,8 +196,8 @@ class IMP:
     # ----- pieces --------------------------------------------------------------------------------
     def build(self, seed: int):
         model = nets.build(self.recipe.net, stream(seed, INIT), init=self.recipe.init)
-        if self.kernel is not None and hasattr(model, "set_kernel"):
-            model.set_kernel(self.kernel, thresholds=self.kernel_thresholds())
+        if self.kernel is not None:
+            apply_kernel(model, self.kernel, thresholds=self.kernel_thresholds())
         return model
 
     def init_weights(self, seed: int, model=None) -> dict:

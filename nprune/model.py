@@ -312,13 +312,6 @@ class Sequential:
             correct += int((logits.argmax(1) == yb).sum())
         return total / len(x), correct / len(x)
 
-    def set_kernel(self, choice: str, thresholds: dict | None = None) -> None:
-        """Choose each layer's kernel: ``dense`` (the masked dense code in layers.py), ``sparse``
-        or ``auto`` (see :mod:`nprune.sparse`); ``thresholds``: the table ``auto`` follows
-        (default: the user's calibration if there is one, else the shipped table)."""
-        from .sparse import apply_kernel
-        apply_kernel(self, choice, thresholds=thresholds)
-
     def summary(self) -> str:
         """One line per layer: name, type, parameter shapes, weights left."""
         lines = []

@@ -199,9 +199,9 @@ def test_ctrl_c_with_jobs_2_is_one_line_and_resumable(tmp_path):
 # --kernel auto (the default): thresholds saved in the run folder, reused on resume, one-line errors
 
 def _table(value):
-    from nprune import sparse
-    return {"format": sparse.THRESHOLDS_FORMAT, "thresholds": {
-        k: {c: {m: value for m in sparse.AUTO_MODES} for c in sparse.BATCH_CLASSES}
+    from nprune.kernels import thresholds
+    return {"format": thresholds.THRESHOLDS_FORMAT, "thresholds": {
+        k: {c: {m: value for m in thresholds.AUTO_MODES} for c in thresholds.BATCH_CLASSES}
         for k in ("Dense 784x300", "Dense 300x100", "Dense 100x10")}}
 
 

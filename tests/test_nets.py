@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from nprune import nets
+from nprune.kernels import apply_kernel
 
 
 def test_lenet300_architecture():
@@ -47,7 +48,7 @@ def test_inference_in_chunks_equals_one_pass(kernel):
     rng = np.random.default_rng(0)
     m = nets.build("lenet300", rng)
     m.set_masks({k: rng.random(v.shape) < 0.03 for k, v in m.bool_masks().items()})
-    m.set_kernel(kernel)
+    apply_kernel(m, kernel)
     x = rng.random((1000, 784), dtype=np.float32)
     m.eval_chunk = m.dense_eval_chunk = 300     # 300, 300, 300, 100 (batch class "large" all but 1)
     sizes = []
@@ -87,13 +88,13 @@ def test_inference_chunk_follows_the_kernels():
     rng = np.random.default_rng(2)
     m = nets.build("lenet300", rng)
     assert m._chunk_size() == m.dense_eval_chunk
-    m.set_kernel("auto")                        # 100% density: auto routes every layer to dense
+    apply_kernel(m, "auto")                     # 100% density: auto routes every layer to dense
     assert m._chunk_size() == m.dense_eval_chunk
     m.set_masks({k: rng.random(v.shape) < 0.01 for k, v in m.bool_masks().items()})
     assert m._chunk_size() == m.eval_chunk      # now fc1 may take the kernel
-    m.set_kernel("dense")
+    apply_kernel(m, "dense")
     assert m._chunk_size() == m.dense_eval_chunk
-    m.set_kernel("sparse")
+    apply_kernel(m, "sparse")
     assert m._chunk_size() == m.eval_chunk
     assert m.eval_chunk != m.dense_eval_chunk
     assert nets.build("lenet5", rng)._chunk_size() == nets.build("lenet5", rng).conv_eval_batch
@@ -128,7 +129,7 @@ def test_evaluate_and_predict_from_feature_major_are_bit_identical(kernel, net):
     rng = np.random.default_rng(3)
     m = nets.build(net, rng)
     m.set_masks({k: rng.random(v.shape) < 0.02 for k, v in m.bool_masks().items()})
-    m.set_kernel(kernel)
+    apply_kernel(m, kernel)
     n = 700 if net == "lenet300" else 90
     x = rng.random((n, 1, 28, 28), dtype=np.float32)
     y = rng.integers(0, 10, n)
@@ -145,7 +146,7 @@ def test_sparse_first_layer_reads_feature_major_blocks_without_a_copy():
     rng = np.random.default_rng(4)
     m = nets.build("lenet300", rng)
     m.set_masks({k: rng.random(v.shape) < 0.02 for k, v in m.bool_masks().items()})
-    m.set_kernel("sparse")
+    apply_kernel(m, "sparse")
     x = rng.random((600, 1, 28, 28), dtype=np.float32)
     fc1 = m.layers[m.names.index("fc1")]
     m.predict(m.feature_major(x))
@@ -158,14 +159,14 @@ def test_wants_feature_major_only_for_a_first_dense_layer_that_may_run_sparse():
     rng = np.random.default_rng(5)
     m = nets.build("lenet300", rng)
     assert not m.wants_feature_major()              # no kernel: the dense code
-    m.set_kernel("auto")
+    apply_kernel(m, "auto")
     assert not m.wants_feature_major()              # 100% density: auto routes fc1 to dense
     m.set_masks({k: rng.random(v.shape) < 0.01 for k, v in m.bool_masks().items()})
     assert m.wants_feature_major()
     assert m.feature_major(np.zeros((3, 1, 28, 28), np.float32)).block == m.eval_chunk
     assert m.feature_major(np.zeros((3, 1, 28, 28), np.float32), batch_size=100).block == 100
     m5 = nets.build("lenet5", rng)
-    m5.set_kernel("sparse")
+    apply_kernel(m5, "sparse")
     assert not m5.wants_feature_major()             # conv nets: no
 
 
