@@ -1,6 +1,6 @@
-"""im2col / col2im for NCHW convolutions (and pooling), with naive oracles for the tests.
+"""im2col / col2im: a convolution as one GEMM over unfolded image patches.
 
-Column layout (chosen because it was the fastest on the LeNet-5 shapes, see ``Conv2D``):
+Column layout of :func:`im2col` / :func:`col2im` (images NCHW):
 
     cols.shape == (C * kh * kw, N * OH * OW)
 
@@ -16,7 +16,8 @@ Both :func:`im2col` and :func:`col2im` loop over the ``kh * kw`` filter offsets 
 column buffer. col2im is the adjoint (transpose) of im2col: ``<im2col(x), c> == <x, col2im(c)>``.
 
 Conv2D itself uses the batch-last variants :func:`im2col_hwn` / :func:`col2im_hwn` (images stored
-(C, H, W, N), columns (C*kh*kw, OH*OW*N)); see their docstrings for why.
+(C, H, W, N), columns (C*kh*kw, OH*OW*N)); see their docstrings for why. The slow oracles these are
+tested against are :func:`nprune.reference.im2col_naive` and :func:`nprune.reference.col2im_naive`.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ __all__ = [
     "im2col_hwn",
     "col2im_hwn",
     "im2col_hwn_pool",
-    "im2col_naive",
-    "col2im_naive",
 ]
 
 
@@ -251,33 +250,3 @@ def im2col_hwn_pool(xt: np.ndarray, kh: int, kw: int, pool: int, stride: int = 1
                     uw, rw = divmod(b * stride + j, S)
                     cols8[:, i, j, a, b] = xs[rh, rw, :, uh:uh + oh2, uw:uw + ow2]
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Naive oracles (tests only): explicit index arithmetic and np.add.at.
-# ----------------------------------------------------------------------------------------------
-
-def _naive_indices(x_shape, kh, kw, stride, pad):
-    n, c, h, w = x_shape
-    oh = conv_output_size(h, kh, stride, pad)
-    ow = conv_output_size(w, kw, stride, pad)
-    cc, ii, jj, nn, oo, pp = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), np.arange(n),
-                                         np.arange(oh), np.arange(ow), indexing="ij")
-    rows = (nn, cc, oo * stride + ii, pp * stride + jj)
-    return rows, (c * kh * kw, n * oh * ow)
-
-
-def im2col_naive(x, kh, kw, stride=1, pad=0):
-    """Oracle for :func:`im2col` via fancy indexing into the padded image (tests only)."""
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    idx, shape = _naive_indices(x.shape, kh, kw, stride, pad)
-    return xp[idx].reshape(shape)
-
-
-def col2im_naive(cols, x_shape, kh, kw, stride=1, pad=0):
-    """Oracle for :func:`col2im` via ``np.add.at`` into the padded image (tests only)."""
-    n, c, h, w = x_shape
-    xp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
-    idx, shape = _naive_indices(x_shape, kh, kw, stride, pad)
-    np.add.at(xp, idx, cols.reshape(c, kh, kw, n, *idx[0].shape[-2:]))
-    return xp[:, :, pad:pad + h, pad:pad + w].copy()

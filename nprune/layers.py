@@ -33,10 +33,6 @@ __all__ = [
     "MaxPool2D",
     "ReLU",
     "Flatten",
-    "conv2d_naive_forward",
-    "conv2d_naive_backward",
-    "maxpool_naive_forward",
-    "maxpool_naive_backward",
 ]
 
 
@@ -562,75 +558,3 @@ class Flatten(Layer):
     def backward(self, dout):
         """Inputs: dout (N, D). Returns dx reshaped to the cached input shape (a view of dout)."""
         return dout.reshape(self._get_cache())
-
-
-# ----------------------------------------------------------------------------------------------
-# Slow, obvious reference implementations ("oracles"). Explicit Python loops; used only by tests.
-# ----------------------------------------------------------------------------------------------
-
-def conv2d_naive_forward(x, W, b, stride=1, padding=0):
-    """Oracle convolution. x (N, C, H, W), W (F, C, kh, kw), b (F,) or None -> y (N, F, OH, OW)."""
-    n, c, h, w = x.shape
-    f, _, kh, kw = W.shape
-    oh = conv_output_size(h, kh, stride, padding)
-    ow = conv_output_size(w, kw, stride, padding)
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    y = np.zeros((n, f, oh, ow), dtype=np.result_type(x, W))
-    for i in range(n):
-        for k in range(f):
-            for r in range(oh):
-                for s in range(ow):
-                    win = xp[i, :, r * stride:r * stride + kh, s * stride:s * stride + kw]
-                    y[i, k, r, s] = np.sum(win * W[k]) + (0 if b is None else b[k])
-    return y
-
-
-def conv2d_naive_backward(x, W, dout, stride=1, padding=0):
-    """Oracle convolution backward. Returns (dx (N,C,H,W), dW (F,C,kh,kw), db (F,))."""
-    n, c, h, w = x.shape
-    f, _, kh, kw = W.shape
-    _, _, oh, ow = dout.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    dxp = np.zeros_like(xp, dtype=np.result_type(x, W, dout))
-    dW = np.zeros_like(W, dtype=dxp.dtype)
-    for i in range(n):
-        for k in range(f):
-            for r in range(oh):
-                for s in range(ow):
-                    rs = slice(r * stride, r * stride + kh)
-                    cs = slice(s * stride, s * stride + kw)
-                    dW[k] += dout[i, k, r, s] * xp[i, :, rs, cs]
-                    dxp[i, :, rs, cs] += dout[i, k, r, s] * W[k]
-    db = dout.sum(axis=(0, 2, 3))
-    dx = dxp[:, :, padding:padding + h, padding:padding + w].copy()
-    return dx, dW, db
-
-
-def maxpool_naive_forward(x, size=2, stride=None):
-    """Oracle max pooling (floor mode). x (N, C, H, W) -> y (N, C, OH, OW)."""
-    stride = size if stride is None else stride
-    n, c, h, w = x.shape
-    oh, ow = (h - size) // stride + 1, (w - size) // stride + 1
-    y = np.zeros((n, c, oh, ow), dtype=x.dtype)
-    for i in range(n):
-        for k in range(c):
-            for r in range(oh):
-                for s in range(ow):
-                    y[i, k, r, s] = x[i, k, r * stride:r * stride + size,
-                                      s * stride:s * stride + size].max()
-    return y
-
-
-def maxpool_naive_backward(x, dout, size=2, stride=None):
-    """Oracle max-pool backward: each window's gradient goes to its first (row-major) argmax."""
-    stride = size if stride is None else stride
-    n, c, oh, ow = dout.shape
-    dx = np.zeros(x.shape, dtype=np.result_type(x, dout))
-    for i in range(n):
-        for k in range(c):
-            for r in range(oh):
-                for s in range(ow):
-                    win = x[i, k, r * stride:r * stride + size, s * stride:s * stride + size]
-                    a, bb = np.unravel_index(np.argmax(win), win.shape)
-                    dx[i, k, r * stride + a, s * stride + bb] += dout[i, k, r, s]
-    return dx

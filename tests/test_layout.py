@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from nprune.im2col import (col2im, col2im_cnhw, col2im_hwn, col2im_naive, conv_output_size,
-                           im2col_hwn, im2col_hwn_pool, im2col_naive)
-from nprune.layers import (Conv2D, MaxPool2D, conv2d_naive_backward, conv2d_naive_forward,
-                           maxpool_naive_backward, maxpool_naive_forward)
+from nprune.im2col import col2im, col2im_cnhw, col2im_hwn, conv_output_size, im2col_hwn, im2col_hwn_pool
+from nprune.layers import Conv2D, MaxPool2D
+from nprune.reference import (col2im_naive, conv2d_naive_backward, conv2d_naive_forward, im2col_naive,
+                              maxpool_naive_backward, maxpool_naive_forward)
 
 
 @pytest.mark.parametrize("ties", [False, True])
