@@ -33,7 +33,16 @@ __all__ = [
     "MaxPool2D",
     "ReLU",
     "Flatten",
+    "mask_to_apply",
 ]
+
+
+def mask_to_apply(mask):
+    """``mask`` when multiplying by it can change something; None when it is None or keeps every
+    entry. The dense round of an experiment installs masks of all ones: multiplying a weight or its
+    gradient by them would cost a pass over the array every step and change nothing, so backward and
+    the optimisers skip them."""
+    return None if mask is None or mask.all() else mask
 
 
 def _pair(v, what: str) -> tuple[int, int]:
@@ -62,7 +71,7 @@ class Layer:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.masks: dict[str, np.ndarray | None] = {}
-        self._mask_ones: dict = {}   # name -> the mask set_mask stored, when it keeps every entry
+        self._mask_seen: dict = {}   # name -> (mask object, mask_to_apply(mask)), see _mask_to_apply
         self.prunable: tuple[str, ...] = ()
         self.need_dx: bool = True
         self._cache = None
@@ -117,7 +126,6 @@ class Layer:
                            f"(prunable: {list(self.prunable)})")
         if mask is None:
             self.masks[name] = None
-            self._mask_ones.pop(name, None)
             if self.kernel is not None:
                 self.kernel.mask_changed(self)
             return
@@ -132,7 +140,6 @@ class Layer:
             if not np.all(keep | (m == 0)) or not np.all(m[keep] == 1):
                 raise ValueError(f"numeric mask for {name!r} must contain only 0 and 1")
         self.masks[name] = keep.astype(p.dtype)
-        self._mask_ones[name] = self.masks[name] if keep.all() else None
         p[~keep] = 0
         if self.kernel is not None:
             self.kernel.mask_changed(self)
@@ -145,11 +152,19 @@ class Layer:
         """Number of entries in all parameters (weights and biases)."""
         return int(sum(v.size for v in self.params.values()))
 
-    def _mask_grad(self, name: str) -> None:
-        # a mask of all ones (the dense round of an experiment) would multiply by 1.0: skipped.
-        # set_mask remembers that mask object; any other array in ``masks`` is applied.
+    def _mask_to_apply(self, name: str):
+        """:func:`mask_to_apply` of ``masks[name]``, decided once per mask object (masks are
+        replaced, never edited in place, so a new object is a new decision)."""
         m = self.masks.get(name)
-        if m is not None and m is not self._mask_ones.get(name):
+        seen = self._mask_seen.get(name)
+        if seen is None or seen[0] is not m:
+            seen = self._mask_seen[name] = (m, mask_to_apply(m))
+        return seen[1]
+
+    def _mask_grad(self, name: str) -> None:
+        """``grads[name] *= masks[name]``, skipped where the mask prunes nothing."""
+        m = self._mask_to_apply(name)
+        if m is not None:
             self.grads[name] *= m
 
     def __repr__(self) -> str:

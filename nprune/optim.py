@@ -41,6 +41,7 @@ import math
 
 import numpy as np
 
+from .layers import mask_to_apply
 
 # Denormals: a moment whose gradient is zero for many steps (e.g. the weights of MNIST's blank border
 # pixels) decays geometrically (x0.9 per step for Adam's first moment) into the float32 subnormal
@@ -125,9 +126,7 @@ class Optimizer:
             work.append((p, grads[name], masks.get(name)) + tuple(self._state_arrays(name, p)))
         key = tuple(id(a) for w in work for a in w)
         if self._chunks is None or self._chunks[0] != key:
-            # a mask of all ones (the dense round of an experiment) is not re-applied: it would
-            # multiply by 1.0. Checked when the mask object changes (masks are replaced, not edited).
-            work = [(p, g, None if m is not None and m.all() else m, *s) for p, g, m, *s in work]
+            work = [(p, g, mask_to_apply(m), *s) for p, g, m, *s in work]
             self._chunks = (key, self._with_scratch(_chunked(work, CHUNK)))
         for p, g, m, *state in self._chunks[1]:
             self._update(p, g, *state)

@@ -192,11 +192,11 @@ def test_all_ones_masks_skip_the_mask_passes_and_change_nothing(net, opt, synth)
         assert np.array_equal(p, m1.params()[n]), n
         assert np.array_equal(m0.grads()[n], m1.grads()[n]), n
     layer = m1.layers[m1.names.index(m1.prunable()[0].split(".")[0])]
-    assert layer._mask_ones["W"] is layer.masks["W"]        # the pass was skipped for this mask
+    assert layer._mask_to_apply("W") is None                # the pass was skipped for this mask
     # now prune (a new mask object): the passes are back, pruned weights and gradients are exactly 0
     masks = _random_masks(m1, np.random.default_rng(10), 0.6)
     m1.set_masks(masks)
-    assert layer._mask_ones["W"] is None
+    assert layer._mask_to_apply("W") is layer.masks["W"]
     for step in range(4, 8):
         i = step * 16
         m1.loss_and_grads(synth.x_train[i:i + 16], synth.y_train[i:i + 16])
