@@ -1,14 +1,25 @@
 """Slow, obvious reference implementations ("oracles") that the fast code is tested against.
 
 Each function here is written for clarity only: explicit loops and index arithmetic for the
-convolution, max pooling and im2col/col2im. Nothing in the package calls them; the tests hold the
-fast implementations to them (:mod:`nprune.layers`, :mod:`nprune.im2col`).
+convolution, max pooling and im2col/col2im, and the textbook update rule for SGD and Adam, applied
+to one parameter array at a time. Nothing in the package calls them; the tests hold the fast
+implementations to them (:mod:`nprune.layers`, :mod:`nprune.im2col`, :mod:`nprune.optim`).
+
+The optimiser steps follow the semantics of :mod:`nprune.optim` exactly, which the fast optimisers
+reach by other means (in-place chunks, a compact path over the survivors, folded constants):
+
+* weight decay is L2 added to the gradient (``g + weight_decay * w``), as in PyTorch (not AdamW);
+* the gradient of a pruned entry is already 0 (backward masks it), so the state of a pruned entry
+  stays 0, and after the update ``w *= mask`` makes every pruned weight exactly 0;
+* every ``FLUSH_EVERY``-th step, state entries too small to matter are set to 0 (see
+  :data:`nprune.optim.FLUSH_BELOW`), so that they never decay into float32 subnormals.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .im2col import conv_output_size
+from .optim import FLUSH_BELOW, FLUSH_EVERY
 
 __all__ = [
     "conv2d_naive_forward",
@@ -17,6 +28,8 @@ __all__ = [
     "maxpool_naive_backward",
     "im2col_naive",
     "col2im_naive",
+    "sgd_step",
+    "adam_step",
 ]
 
 
@@ -167,3 +180,80 @@ def col2im_naive(cols, x_shape, kh, kw, stride=1, pad=0):
     idx, shape = _naive_indices(x_shape, kh, kw, stride, pad)
     np.add.at(xp, idx, cols.reshape(c, kh, kw, n, *idx[0].shape[-2:]))
     return xp[:, :, pad:pad + h, pad:pad + w].copy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser steps: one parameter array, the textbook formulas.
+# ----------------------------------------------------------------------------------------------
+
+def _flush(a, below):
+    """Entries of ``a`` with ``|a| < below`` set to 0, in place."""
+    a[np.abs(a) < below] = 0
+
+
+def sgd_step(w, g, state, lr, t, momentum=0.0, weight_decay=0.0, mask=None):
+    """One SGD step with heavy-ball momentum and L2 weight decay (PyTorch's form), in place::
+
+        g = g + weight_decay * w
+        velocity = momentum * velocity + g        (no velocity without momentum: v = g)
+        w -= lr * velocity
+        w *= mask
+
+    Inputs:
+    - w: parameter array, updated in place.
+    - g: its gradient, same shape (pruned entries 0, as backward leaves them).
+    - state: dict holding ``state["velocity"]`` (created on the first step with momentum).
+    - lr, momentum, weight_decay: floats.
+    - t: the number of this step (1, 2, ...); every ``FLUSH_EVERY``-th step sets velocity entries
+      below ``FLUSH_BELOW`` in magnitude to 0.
+    - mask: 0/1 array of w's shape (1 keeps, 0 prunes), or None.
+
+    Returns w.
+    """
+    if weight_decay:
+        g = g + weight_decay * w
+    if momentum:
+        g = state["velocity"] = momentum * state.get("velocity", 0.0) + g
+    w -= lr * g
+    if mask is not None:
+        w *= mask
+    if momentum and t % FLUSH_EVERY == 0:
+        _flush(state["velocity"], FLUSH_BELOW)
+    return w
+
+
+def adam_step(w, g, state, lr, b1, b2, eps, t, weight_decay=0.0, mask=None):
+    """One Adam step with bias correction (Kingma & Ba), L2 weight decay added to the gradient,
+    in place::
+
+        g = g + weight_decay * w
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        w -= lr * m_hat / (sqrt(v_hat) + eps)
+        w *= mask
+
+    Inputs (w, g, mask as in :func:`sgd_step`):
+    - state: dict holding the moments ``state["m"]`` and ``state["v"]`` (created on the first step).
+    - lr, b1, b2, eps, weight_decay: floats.
+    - t: the number of this step (1, 2, ...), for the bias correction. Every ``FLUSH_EVERY``-th
+      step sets tiny moment entries to 0: those with ``|m| / (1 - b1) < FLUSH_BELOW`` (likewise v
+      with b2), the bound :class:`nprune.optim.Adam` applies to the moments it stores, which are
+      ``m / (1 - b1)`` and ``v / (1 - b2)``.
+
+    Returns w.
+    """
+    if weight_decay:
+        g = g + weight_decay * w
+    m = state["m"] = b1 * state.get("m", 0.0) + (1 - b1) * g
+    v = state["v"] = b2 * state.get("v", 0.0) + (1 - b2) * g * g
+    m_hat = m / (1 - b1 ** t)
+    v_hat = v / (1 - b2 ** t)
+    w -= lr * m_hat / (np.sqrt(v_hat) + eps)
+    if mask is not None:
+        w *= mask
+    if t % FLUSH_EVERY == 0:
+        _flush(m, (1 - b1) * FLUSH_BELOW)
+        _flush(v, (1 - b2) * FLUSH_BELOW)
+    return w

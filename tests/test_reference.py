@@ -1,12 +1,13 @@
 """The oracles of nprune.reference against hand-computed values and numerical gradients: the fast
-code is tested against them (test_layers, test_im2col, test_layout), so they are
+code is tested against them (test_layers, test_im2col, test_layout, test_optim), so they are
 checked here on their own."""
 import numpy as np
 import pytest
 
 from nprune.gradcheck import numerical_gradient, rel_error
-from nprune.reference import (col2im_naive, conv2d_naive_backward, conv2d_naive_forward, im2col_naive,
-                              maxpool_naive_backward, maxpool_naive_forward)
+from nprune.optim import FLUSH_BELOW, FLUSH_EVERY
+from nprune.reference import (adam_step, col2im_naive, conv2d_naive_backward, conv2d_naive_forward,
+                              im2col_naive, maxpool_naive_backward, maxpool_naive_forward, sgd_step)
 
 
 def test_conv_forward_by_hand():
@@ -62,3 +63,53 @@ def test_im2col_by_hand_and_col2im_is_its_adjoint():
         c = rng.standard_normal(im2col_naive(x, 3, 3, stride, pad).shape)
         lhs = np.vdot(im2col_naive(x, 3, 3, stride, pad), c)
         assert abs(lhs - np.vdot(x, col2im_naive(c, x.shape, 3, 3, stride, pad))) < 1e-10
+
+
+def test_sgd_step_by_hand():
+    w = np.array([1.0, 2.0, -3.0], np.float32)
+    g = np.array([0.5, -1.0, 0.0], np.float32)
+    state = {}
+    sgd_step(w, g, state, lr=0.1, t=1, momentum=0.9, weight_decay=0.01, mask=np.array([1, 1, 0], np.float32))
+    v1 = g + 0.01 * np.array([1.0, 2.0, -3.0], np.float32)
+    np.testing.assert_array_equal(state["velocity"], v1)
+    np.testing.assert_allclose(w, [1.0 - 0.1 * v1[0], 2.0 - 0.1 * v1[1], 0.0], rtol=1e-7)
+    assert w[2] == 0.0 and w.dtype == np.float32                  # the mask zeroes the pruned weight
+    w0 = w.copy()
+    sgd_step(w, g, state, lr=0.1, t=2, momentum=0.9, weight_decay=0.01)
+    np.testing.assert_allclose(state["velocity"], 0.9 * v1 + g + 0.01 * w0, rtol=1e-6)
+    plain, s = np.array([1.0], np.float32), {}
+    sgd_step(plain, np.array([2.0], np.float32), s, lr=0.5, t=1)  # no momentum: no state
+    assert plain[0] == 0.0 and s == {}
+
+
+def test_adam_step_by_hand():
+    w = np.array([1.0, -1.0], np.float64)
+    g = np.array([0.1, -0.3])
+    state = {}
+    adam_step(w, g, state, lr=0.01, b1=0.9, b2=0.999, eps=1e-8, t=1)
+    # first step: m_hat = g, v_hat = g^2, update = lr * g / (|g| + eps)
+    np.testing.assert_allclose(w, [1.0, -1.0] - 0.01 * g / (np.abs(g) + 1e-8), rtol=1e-12)
+    np.testing.assert_allclose(state["m"], 0.1 * g, rtol=1e-12)
+    np.testing.assert_allclose(state["v"], 0.001 * g * g, rtol=1e-12)
+    w1, g2 = w.copy(), np.array([0.2, 0.0])
+    adam_step(w, g2, state, lr=0.01, b1=0.9, b2=0.999, eps=1e-8, t=2, weight_decay=0.5,
+              mask=np.array([1.0, 0.0]))
+    gd = g2 + 0.5 * w1
+    m = 0.9 * 0.1 * g + 0.1 * gd
+    v = 0.999 * 0.001 * g * g + 0.001 * gd * gd
+    want = w1 - 0.01 * (m / (1 - 0.9 ** 2)) / (np.sqrt(v / (1 - 0.999 ** 2)) + 1e-8)
+    np.testing.assert_allclose(w, [want[0], 0.0], rtol=1e-12)
+
+
+def test_tiny_state_is_flushed_every_flush_every_steps():
+    """Velocity and moments below the flush bound become exactly 0 at every FLUSH_EVERY-th step
+    only (Adam's bound applies to m / (1-b1) and v / (1-b2), as nprune.optim stores them)."""
+    bound = FLUSH_BELOW
+    for t in (FLUSH_EVERY - 1, FLUSH_EVERY):
+        s = {"velocity": np.array([bound, 1.0])}
+        sgd_step(np.zeros(2), np.zeros(2), s, lr=0.1, t=t, momentum=0.5)
+        assert (s["velocity"][0] == 0) == (t == FLUSH_EVERY) and s["velocity"][1] == 0.5
+        for f, flushed in ((1.5, False), (0.5, t == FLUSH_EVERY)):     # after the step: f * bound
+            s = {"m": np.array([f * 0.1 * bound / 0.9, 1.0]), "v": np.array([f * 0.001 * bound / 0.999, 1.0])}
+            adam_step(np.zeros(2), np.zeros(2), s, 0.1, 0.9, 0.999, 1e-8, t)
+            assert (s["m"][0] == 0) == (s["v"][0] == 0) == flushed and s["m"][1] == 0.9
