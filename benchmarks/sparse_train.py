@@ -16,8 +16,8 @@ in a rotating order):
   ``python -m nprune.sparse --calibrate`` if any, else the shipped table) -- a lookup, no timing;
 * ``dense+copt again``: ``dense+copt`` a second time, to show the noise floor of the comparison.
 Speedups are against ``dense``; "auto / dense+copt" isolates the kernels (same optimiser).
-Inference: ``model.forward(x_test[:10000], train=False)`` (C-ordered input), and the same images from
-each model's :meth:`~nprune.model.Sequential.feature_major` copy (``model.predict(fm)``), the layout
+Inference: ``chunked_logits(model, x_test[:10000])`` (C-ordered input), and the same images from
+each model's :func:`~nprune.evaluate.feature_major` copy (``predict(model, fm)``), the layout
 the training loop evaluates from when the first layer may run sparse; the feature-major speed-up is
 against the faster of dense's two layouts.
 
@@ -35,6 +35,7 @@ import numpy as np  # after _common (it applies --blas-threads before NumPy load
 
 from nprune import nets
 from nprune.datasets import load_dataset, prepare
+from nprune.evaluate import chunked_logits, evaluate, feature_major, predict
 from nprune.optim import Adam
 from nprune.prune import magnitude_layerwise
 from nprune.train import batches
@@ -124,17 +125,17 @@ def main():
                     train_steps(m, o, data, idx_all[b * per_block:(b + 1) * per_block])
                     times[choice].append((time.perf_counter() - t0) / per_block)
             for choice in variants:
-                accs[choice] = models[choice][0].evaluate(data.x_test, data.y_test)[1]
+                accs[choice] = evaluate(models[choice][0], data.x_test, data.y_test)[1]
             # inference at batch 10,000 (two untimed warm-up calls each)
             # C: the (10000, ...) array as it is; FM: each model's own feature-major copy
-            # (Sequential.feature_major: blocks = its inference chunks), as train() holds the
+            # (nprune.evaluate.feature_major: blocks = its inference chunks), as train() holds the
             # evaluation sets when the first layer may run sparse. Same logits (checked).
             xt = data.x_test[:10000]
-            fm = {c: models[c][0].feature_major(xt, batch_size=10000) for c in ("dense", "auto")}
-            calls = {("dense", "C"): lambda: models["dense"][0].forward(xt, train=False),
-                     ("auto", "C"): lambda: models["auto"][0].forward(xt, train=False),
-                     ("dense", "FM"): lambda: models["dense"][0].predict(fm["dense"]),
-                     ("auto", "FM"): lambda: models["auto"][0].predict(fm["auto"])}
+            fm = {c: feature_major(models[c][0], xt, batch_size=10000) for c in ("dense", "auto")}
+            calls = {("dense", "C"): lambda: chunked_logits(models["dense"][0], xt),
+                     ("auto", "C"): lambda: chunked_logits(models["auto"][0], xt),
+                     ("dense", "FM"): lambda: predict(models["dense"][0], fm["dense"]),
+                     ("auto", "FM"): lambda: predict(models["auto"][0], fm["auto"])}
             for c in ("dense", "auto"):
                 assert np.array_equal(calls[(c, "C")](), calls[(c, "FM")]()), "feature-major logits differ"
             inf = {k: [] for k in calls}

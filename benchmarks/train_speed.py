@@ -11,7 +11,7 @@ tensors made with ``torch.from_numpy`` for torch); each epoch is a permutation f
 ``nprune.train.batches`` (the same indices for both frameworks), the last partial batch dropped. The
 torch model starts from the nprune model's initial weights. The timed loop is exactly
 ``nprune.train.train``'s inner loop (``np.take`` into buffers, ``loss_and_grads``, ``opt.step``), no
-evaluation; the time of one evaluation pass over 15,000 images (``model.evaluate`` val + test; the
+evaluation; the time of one evaluation pass over 15,000 images (``evaluate`` val + test; the
 second of two passes in a row) is reported separately.
 
 The two frameworks train in turns, epoch by epoch (nprune, torch, nprune, ...), so that drift of a
@@ -103,6 +103,7 @@ def time_epochs(runners, n, bs, epochs, seed):
 
 def setup_nprune(net, data, seed=0):
     import numpy as np
+    from nprune.evaluate import evaluate as evaluate_model
     from nprune.nets import build
     from nprune.optim import make_optimizer
     opt_name, lr, mom, bs = RECIPES[net]
@@ -126,8 +127,8 @@ def setup_nprune(net, data, seed=0):
 
     def evaluate():
         t0 = time.perf_counter()
-        model.evaluate(data.x_val, data.y_val, 5000)
-        model.evaluate(data.x_test, data.y_test, 5000)
+        evaluate_model(model, data.x_val, data.y_val, 5000)
+        evaluate_model(model, data.x_test, data.y_test, 5000)
         return time.perf_counter() - t0
 
     return dict(run=run, restart=restart, evaluate=evaluate, init=init, steps_per_epoch=len(x) // bs,

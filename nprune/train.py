@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .datasets import iterate_minibatches
+from .evaluate import evaluate, evaluation_copy
 from .optim import make_optimizer
 
 
@@ -107,12 +108,10 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
     if 0 in want:
         snaps[0] = model.get_weights()
     x, y = data.x_train, data.y_train
-    # evaluation sets: held feature-major when the model's first layer may run sparse (Sequential.
-    # wants_feature_major); the same logits and losses to the last bit, without a transposing copy
-    # of every evaluated chunk
+    # evaluated many times: held as nprune.evaluate.evaluation_copy says (same bits, maybe faster)
     x_val, x_test = data.x_val, data.x_test
-    if (cfg.eval_every or cfg.iterations) and model.wants_feature_major():
-        x_val, x_test = (model.feature_major(a, cfg.eval_batch) if len(a) else a for a in (x_val, x_test))
+    if cfg.eval_every or cfg.iterations:
+        x_val, x_test = (evaluation_copy(model, a, cfg.eval_batch) for a in (x_val, x_test))
     xb = np.empty((cfg.batch_size,) + x.shape[1:], x.dtype)
     yb = np.empty((cfg.batch_size,), y.dtype)
     t0 = time.perf_counter()
@@ -134,8 +133,8 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
         if it in want:
             snaps[it] = model.get_weights()
         if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iterations:
-            vl, va = model.evaluate(x_val, data.y_val, cfg.eval_batch)
-            tl, ta = model.evaluate(x_test, data.y_test, cfg.eval_batch)
+            vl, va = evaluate(model, x_val, data.y_val, cfg.eval_batch)
+            tl, ta = evaluate(model, x_test, data.y_test, cfg.eval_batch)
             res.iterations.append(it)
             res.train_loss.append(run_loss / run_n)
             run_loss, run_n = 0.0, 0
