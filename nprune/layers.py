@@ -278,7 +278,7 @@ class Conv2D(Layer):
     went from 15.9 to 10.6 ms (single-threaded BLAS) against the batch-first, NCHW-copying version. Call ``np.ascontiguousarray`` if C order is needed.
     In training mode the columns are kept for backward (in a buffer reused across steps).
 
-    Fused pooling (``pool_fuse = s``, set by :class:`~nprune.model.Sequential` when a MaxPool2D with
+    Fused pooling (``pool_fuse = s``, set by :func:`nprune.nets.fuse_conv_pool` when a MaxPool2D with
     size = stride = s follows and the layer needs no dx, i.e. conv1 of LeNet-5): the columns are built
     in pool-phase order (:func:`~nprune.im2col.im2col_hwn_pool`) and forward returns a
     :class:`PoolPhase` instead of an array; the MaxPool2D then pools over s*s contiguous blocks

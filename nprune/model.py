@@ -11,7 +11,6 @@ from typing import Iterable
 
 import numpy as np
 
-from .layers import Conv2D, MaxPool2D
 from .losses import softmax_cross_entropy
 
 
@@ -53,11 +52,6 @@ class Sequential:
         self._first_param = next((i for i, l in enumerate(self.layers) if l.params), 0)
         if self.layers:
             self.layers[self._first_param].need_dx = False
-        # A Conv2D that needs no dx followed by a tiling MaxPool2D runs fused (Conv2D.pool_fuse).
-        for a, b in zip(self.layers, self.layers[1:]):
-            if isinstance(a, Conv2D) and isinstance(b, MaxPool2D) and b.stride == b.size > 1 \
-                    and not a.need_dx:
-                a.pool_fuse = b.size
         self._cache_views()
 
     # ----- names -------------------------------------------------------------------------------
