@@ -38,7 +38,7 @@ from nprune.datasets import load_dataset, prepare
 from nprune.evaluate import chunked_logits, evaluate, feature_major, predict
 from nprune.optim import Adam
 from nprune.prune import magnitude_layerwise
-from nprune.train import batches
+from nprune.train import batches, train_step
 
 RATES = {"lenet300": {"fc1.W": 0.2, "fc2.W": 0.2, "fc3.W": 0.1},
          "lenet5": {"conv1.W": 0.1, "conv2.W": 0.1, "fc1.W": 0.2, "fc2.W": 0.1}}
@@ -47,7 +47,7 @@ RATES = {"lenet300": {"fc1.W": 0.2, "fc2.W": 0.2, "fc3.W": 0.1},
 def train_steps(model, opt, data, idx_list):
     x, y = data.x_train, data.y_train
     for idx in idx_list:
-        model.loss_and_grads(x[idx], y[idx])
+        train_step(model, x[idx], y[idx])
         opt.step()
 
 

@@ -10,7 +10,7 @@ train split of 55,000 images (``prepare(..., n_val=5000, seed=0)``), preloaded i
 tensors made with ``torch.from_numpy`` for torch); each epoch is a permutation from
 ``nprune.train.batches`` (the same indices for both frameworks), the last partial batch dropped. The
 torch model starts from the nprune model's initial weights. The timed loop is exactly
-``nprune.train.train``'s inner loop (``np.take`` into buffers, ``loss_and_grads``, ``opt.step``), no
+``nprune.train.train``'s inner loop (``np.take`` into buffers, ``train_step``, ``opt.step``), no
 evaluation; the time of one evaluation pass over 15,000 images (``evaluate`` val + test; the
 second of two passes in a row) is reported separately.
 
@@ -106,6 +106,7 @@ def setup_nprune(net, data, seed=0):
     from nprune.evaluate import evaluate as evaluate_model
     from nprune.nets import build
     from nprune.optim import make_optimizer
+    from nprune.train import train_step
     opt_name, lr, mom, bs = RECIPES[net]
     model = build(net, np.random.default_rng(seed))
     init = model.get_weights()
@@ -118,7 +119,7 @@ def setup_nprune(net, data, seed=0):
         for idx in idxs:
             np.take(x, idx, axis=0, out=xb, mode="clip")  # as nprune.train.train
             np.take(y, idx, axis=0, out=yb, mode="clip")
-            model.loss_and_grads(xb, yb)
+            train_step(model, xb, yb)
             opt.step()
 
     def restart():

@@ -14,22 +14,6 @@ import numpy as np
 from .losses import softmax_cross_entropy
 
 
-#: Subnormal gradients. Once a network has memorised its training batches (a rewound ticket late in
-#: a 50,000-iteration round: training loss ~1e-6), softmax puts ~1e-39 on the wrong classes, and
-#: dL/dlogits holds float32 subnormals (< 1.2e-38). x86 arithmetic on subnormals is ~100x slower,
-#: and NumPy cannot set flush-to-zero, so every GEMM of the backward pass that reads them crawls:
-#: LeNet-300-100 at the end of rewind round 14 of the lth run, 1 BLAS thread, 2.64 ms per step
-#: against 0.80 ms for the reinit net of the same round (fc2 backward 945 vs 78 us, fc1 backward
-#: 1,100 vs 242 us). Entries below this bound are therefore set to exactly 0 before backward
-#: (~3 us a step); with the bound, that step takes 0.82 ms. A dropped entry changes a weight
-#: gradient by < 1e-30 times an activation or weight, so this is what a CPU's flush-to-zero mode
-#: would do, and it rarely changes a float32 bit: re-running rewind rounds 12-18 of the full lth run
-#: with it gave byte-identical weights for seed 0; seed 1's round 12 moved in the last bits (final
-#: test accuracy 98.03 -> 98.04%), and its later rounds by seed noise from there. The default run's
-#: files are byte-identical.
-GRAD_FLUSH_BELOW = 1e-30
-
-
 class Sequential:
     """A chain of layers.
 
@@ -139,13 +123,11 @@ class Sequential:
             d = layer.backward(d)
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """One training pass: forward, mean softmax cross-entropy, backward. Returns (loss, logits).
-
-        Entries of ``dL/dlogits`` smaller than :data:`GRAD_FLUSH_BELOW` in magnitude are set to 0
-        before backward (see there)."""
+        """Forward, mean softmax cross-entropy, backward: the plain gradient of the loss (gradient
+        checks use it; the training step, :func:`nprune.train.train_step`, adds a flush of tiny
+        gradients). Inputs: x (N, ...), y (N,) int labels. Returns (loss, logits (N, classes))."""
         logits = self.forward(x, train=True)
         loss, dlogits = softmax_cross_entropy(logits, y)
-        np.copyto(dlogits, 0, where=np.abs(dlogits) < GRAD_FLUSH_BELOW)
         self.backward(dlogits)
         return loss, logits
 
