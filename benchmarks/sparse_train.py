@@ -9,8 +9,8 @@ the test accuracy after the steps for both, and inference throughput at batch 10
 
 Variants (each trains its own copy from the same weights, masks and data order; blocks interleaved
 in a rotating order):
-* ``dense``: masked dense kernels + the dense optimiser (``compact=False``) -- the pre-issue-4 path;
-* ``dense+copt``: masked dense kernels + the compact optimiser (nprune.optim's default now);
+* ``dense``: masked dense kernels + the dense optimiser (``compact=False``);
+* ``dense+copt``: masked dense kernels + the compact optimiser (nprune.optim's default);
 * ``auto``: ``set_kernel("auto")`` + the compact optimiser: per layer, the sparse kernel iff the
   mask density is <= the threshold of the thresholds table in use (the user's calibration from
   ``python -m nprune.sparse --calibrate`` if any, else the shipped table) -- a lookup, no timing;
@@ -21,7 +21,8 @@ each model's :func:`~nprune.evaluate.feature_major` copy (``predict(model, fm)``
 the training loop evaluates from when the first layer may run sparse; the feature-major speed-up is
 against the faster of dense's two layouts.
 
-Usage: python benchmarks/sparse_train.py [--quick] [--blas-threads N] [--data-dir /work/shared/data/mnist]
+Usage: python benchmarks/sparse_train.py [--quick] [--blas-threads N] [--data-dir DIR]
+(MNIST from --data-dir, else where nprune.datasets.find_data_dir finds it, e.g. $NPRUNE_DATA_DIR.)
 Writes benchmarks/results/sparse_train.json and sparse_train.png.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ def train_steps(model, opt, data, idx_list):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--data-dir", default="/work/shared/data/mnist")
+    ap.add_argument("--data-dir", default=None)
     ap.add_argument("--nets", default="lenet300,lenet5")
     ap.add_argument("--blas-threads", type=int, default=None,
                     help="OpenBLAS threads (set before NumPy loads, see _common.py)")

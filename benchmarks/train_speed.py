@@ -45,7 +45,7 @@ RECIPES = {  # net: (optimizer, lr, momentum, batch)
     "lenet300": ("adam", 1.2e-3, 0.0, 60),
     "lenet5": ("sgd", 0.01, 0.9, 64),
 }
-DATA_DIR = "/work/shared/data/mnist"
+DATA_DIR = None   # MNIST where nprune.datasets.find_data_dir finds it (e.g. $NPRUNE_DATA_DIR)
 
 
 def _set_threads(n):

@@ -82,9 +82,12 @@ class Layer:
 
     # -- forward / backward -------------------------------------------------------------------
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:  # pragma: no cover
+        """Inputs: x (N, ...). Returns y (N, ...); caches what backward needs when ``train``."""
         raise NotImplementedError
 
     def backward(self, dout: np.ndarray) -> np.ndarray | None:  # pragma: no cover
+        """Inputs: dout (the shape of y). Fills ``grads``; returns dx (the shape of x), or None
+        when ``need_dx`` is False."""
         raise NotImplementedError
 
     def _get_cache(self):
@@ -199,7 +202,10 @@ class Dense(Layer):
         return self.dense_forward(x, train)
 
     def dense_forward(self, x, train=True):
-        """The masked dense forward (the default kernel; also the fallback of nprune.sparse)."""
+        """The dense code of :meth:`forward` (what runs without a kernel; kernels fall back on it).
+
+        Inputs: x (N, in), any float dtype (cast to the layer's). Returns y = x @ W + b (N, out).
+        Caches x when ``train``."""
         x = np.asarray(x)
         if x.dtype != self.dtype:
             x = x.astype(self.dtype)
@@ -222,7 +228,9 @@ class Dense(Layer):
         return self.dense_backward(dout)
 
     def dense_backward(self, dout):
-        """The masked dense backward (the default kernel; also the fallback of nprune.sparse)."""
+        """The dense code of :meth:`backward`. Inputs: dout (N, out). Fills grads W = x.T @ dout
+        (in, out), times the mask, and b (out,). Returns dx = dout @ W.T (N, in), or None when
+        ``need_dx`` is False."""
         x = self._get_cache()
         np.matmul(x.T, dout, out=self.grads["W"])
         self._mask_grad("W")
@@ -274,8 +282,8 @@ class Conv2D(Layer):
     input is already (C, H, W, N) in memory and im2col reads it directly; in backward a gradient in
     that order is used by the GEMMs without a copy, and dx is returned the same way (a view of a
     (C, H, W, N) array). Batch-last makes every im2col/col2im/pool copy run over contiguous rows of
-    ``W*N`` values instead of ``W`` (8 for conv2 of LeNet-5); the conv/pool part of the LeNet-5 step
-    went from 15.9 to 10.6 ms (single-threaded BLAS) against the batch-first, NCHW-copying version. Call ``np.ascontiguousarray`` if C order is needed.
+    ``W*N`` values instead of ``W`` (8 for conv2 of LeNet-5), and saves the transposing copies a
+    batch-first layout needs between layers. Call ``np.ascontiguousarray`` if C order is needed.
     In training mode the columns are kept for backward (in a buffer reused across steps).
 
     Fused pooling (``pool_fuse = s``, set by :func:`nprune.nets.fuse_conv_pool` when a MaxPool2D with
@@ -413,11 +421,12 @@ class MaxPool2D(Layer):
     rows/columns that do not fill a window are ignored).
 
     Implementation: a loop over the ``size*size`` window offsets, each a strided slice of shape
-    (N, C, OH, OW), combined with ``np.maximum`` (this was ~20x faster than reshaping to
-    (N, C, H/s, s, W/s, s) and reducing over two axes). It handles tiling and overlapping windows.
+    (N, C, OH, OW), combined with ``np.maximum``: a few long element-wise passes, where reshaping to
+    (N, C, H/s, s, W/s, s) and reducing over two axes runs NumPy's much slower strided reduction. It
+    handles tiling and overlapping windows.
 
     Ties: the gradient of each window goes to exactly ONE position, the first maximum in row-major
-    order within the window (this is what torch does too, and what the naive oracle does).
+    order within the window (as torch does, and :func:`nprune.reference.maxpool_naive_backward`).
     """
 
     def __init__(self, size: int = 2, stride: int | None = None):
