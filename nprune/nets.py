@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+from .layers import Conv2D, Dense, Flatten, ReLU
 from .model import Sequential
+from .pooling import MaxPool2D
 
 
 def lenet300(rng: np.random.Generator, init: str = "glorot_normal", dtype=np.float32) -> Sequential:

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from nprune.im2col import col2im, col2im_cnhw, col2im_hwn, conv_output_size, im2col_hwn, im2col_hwn_pool
-from nprune.layers import Conv2D, MaxPool2D
+from nprune.layers import Conv2D
 from nprune.nets import fuse_conv_pool
+from nprune.pooling import MaxPool2D
 from nprune.reference import (col2im_naive, conv2d_naive_backward, conv2d_naive_forward, im2col_naive,
                               maxpool_naive_backward, maxpool_naive_forward)
 
