@@ -4,8 +4,8 @@
     python benchmarks/optim_speed.py --repeats 9
 
 Each configuration is timed interleaved with the others (round robin, median over rounds), so a
-noisy machine slows all of them alike; read the ratios. The unchunked row is the old code path (one
-NumPy call per pass over each whole parameter). GB/s is the implied traffic (~3 array accesses of 4
+noisy machine slows all of them alike; read the ratios. The unchunked row runs one NumPy call per
+pass over each whole parameter. GB/s is the implied traffic (~3 array accesses of 4
 bytes per entry per pass). Nothing here changes results: the updates are element-wise, so every
 chunk size gives bit-identical parameters (tests/test_optim.py checks it).
 """

@@ -7,10 +7,11 @@ Usage::
 
 For each net the step is run piece by piece exactly as :func:`nprune.train.train` runs it: data gather
 (``np.take`` of a random minibatch into preallocated buffers), every layer's forward (train mode), the
-softmax cross-entropy, every layer's backward (reverse order), the optimiser step (LeNet-300-100: Adam,
-batch 60; LeNet-5: SGD momentum 0.9, batch 64). Each piece is timed with ``perf_counter`` and the median
-over ``--steps`` steps (after a warm-up) is printed as a markdown table, plus the median of an untimed
-whole step (``loss_and_grads`` + ``step``) for comparison with the sum of the parts.
+softmax cross-entropy, the flush of tiny logit gradients, every layer's backward (reverse order), the
+optimiser step (LeNet-300-100: Adam, batch 60; LeNet-5: SGD momentum 0.9, batch 64). Each piece is
+timed with ``perf_counter`` and the median over ``--steps`` steps (after a warm-up) is printed as a
+markdown table, plus the median of an untimed whole step (``train_step`` + ``step``) for comparison
+with the sum of the parts.
 
 ``--rounds R`` profiles a pruned network instead: random masks at the densities R rounds of Frankle &
 Carbin's layer-wise rates leave (hidden fc layers 0.8^R, the output layer and convolutions 0.9^R;
@@ -29,7 +30,8 @@ ap.add_argument("--nets", default="lenet300,lenet5")
 ap.add_argument("--steps", type=int, default=200)
 ap.add_argument("--warmup", type=int, default=20)
 ap.add_argument("--threads", type=int, default=None, help="BLAS threads (default: library default)")
-ap.add_argument("--data-dir", default=None, help="MNIST folder (default: $NPRUNE_DATA_DIR, else the per-user cache)")
+ap.add_argument("--data-dir", default=None,
+                help="MNIST folder (default: where nprune.datasets.find_data_dir finds it)")
 ap.add_argument("--rounds", type=int, default=0,
                 help="profile a pruned net: random masks at R rounds of F&C's rates (default 0: dense)")
 ap.add_argument("--kernel", choices=["auto", "dense", "sparse"], default="auto",
@@ -46,6 +48,7 @@ from nprune.kernels import apply_kernel  # noqa: E402
 from nprune.losses import softmax_cross_entropy  # noqa: E402
 from nprune.nets import build  # noqa: E402
 from nprune.optim import make_optimizer  # noqa: E402
+from nprune.train import flush_tiny_gradients, train_step  # noqa: E402
 
 RECIPES = {"lenet300": ("adam", 1.2e-3, 0.0, 60), "lenet5": ("sgd", 0.01, 0.9, 64)}
 
@@ -112,6 +115,10 @@ def profile(net, x, y, steps, warmup):
         loss, d = softmax_cross_entropy(h, yb)
         if keep:
             rec("loss (softmax CE)", pc() - t)
+        t = pc()
+        flush_tiny_gradients(d)
+        if keep:
+            rec("flush of tiny dL/dlogits", pc() - t)
         for name, layer in zip(reversed(model.names), reversed(model.layers)):
             if d is None:  # the first layer with parameters returns no dx: backward ends there
                 break
@@ -125,7 +132,7 @@ def profile(net, x, y, steps, warmup):
             rec(f"optimizer ({opt_name})", pc() - t)
         # an un-instrumented step, for the total
         t = pc()
-        model.loss_and_grads(xb, yb)
+        train_step(model, xb, yb)
         opt.step()
         if keep:
             whole.append(pc() - t)
@@ -145,7 +152,7 @@ def main():
         for k in order:
             print(f"| {k} | {med[k]:.0f} | {100 * med[k] / tot:.1f} |")
         print(f"| **sum of parts** | {tot:.0f} | 100 |")
-        print(f"| whole step (loss_and_grads + step), median | {np.median(whole) * 1e6:.0f} | |")
+        print(f"| whole step (train_step + step), median | {np.median(whole) * 1e6:.0f} | |")
 
 
 if __name__ == "__main__":

@@ -9,19 +9,20 @@ the test accuracy after the steps for both, and inference throughput at batch 10
 
 Variants (each trains its own copy from the same weights, masks and data order; blocks interleaved
 in a rotating order):
-* ``dense``: masked dense kernels + the dense optimiser (``compact=False``) -- the pre-issue-4 path;
-* ``dense+copt``: masked dense kernels + the compact optimiser (nprune.optim's default now);
+* ``dense``: masked dense kernels + the dense optimiser (``compact=False``);
+* ``dense+copt``: masked dense kernels + the compact optimiser (nprune.optim's default);
 * ``auto``: ``apply_kernel(model, "auto")`` + the compact optimiser: per layer, the sparse kernel iff the
   mask density is <= the threshold of the thresholds table in use (the user's calibration from
   ``python -m nprune.kernels.calibrate calibrate`` if any, else the shipped table) -- a lookup, no timing;
 * ``dense+copt again``: ``dense+copt`` a second time, to show the noise floor of the comparison.
 Speedups are against ``dense``; "auto / dense+copt" isolates the kernels (same optimiser).
-Inference: ``model.forward(x_test[:10000], train=False)`` (C-ordered input), and the same images from
-each model's :meth:`~nprune.model.Sequential.feature_major` copy (``model.predict(fm)``), the layout
+Inference: ``chunked_logits(model, x_test[:10000])`` (C-ordered input), and the same images from
+each model's :func:`~nprune.evaluate.feature_major` copy (``predict(model, fm)``), the layout
 the training loop evaluates from when the first layer may run sparse; the feature-major speed-up is
 against the faster of dense's two layouts.
 
 Usage: python benchmarks/sparse_train.py [--quick] [--blas-threads N] [--data-dir DIR]
+(MNIST from --data-dir, else where nprune.datasets.find_data_dir finds it, e.g. $NPRUNE_DATA_DIR.)
 Writes benchmarks/results/sparse_train.json and sparse_train.png.
 """
 from __future__ import annotations
@@ -36,9 +37,10 @@ import numpy as np  # after _common (it applies --blas-threads before NumPy load
 from nprune import nets
 from nprune.datasets import load_dataset, prepare
 from nprune.kernels import active_thresholds, apply_kernel, kernel_report
+from nprune.evaluate import chunked_logits, evaluate, feature_major, predict
 from nprune.optim import Adam
 from nprune.prune import magnitude_layerwise
-from nprune.train import batches
+from nprune.train import batches, train_step
 
 RATES = {"lenet300": {"fc1.W": 0.2, "fc2.W": 0.2, "fc3.W": 0.1},
          "lenet5": {"conv1.W": 0.1, "conv2.W": 0.1, "fc1.W": 0.2, "fc2.W": 0.1}}
@@ -47,15 +49,14 @@ RATES = {"lenet300": {"fc1.W": 0.2, "fc2.W": 0.2, "fc3.W": 0.1},
 def train_steps(model, opt, data, idx_list):
     x, y = data.x_train, data.y_train
     for idx in idx_list:
-        model.loss_and_grads(x[idx], y[idx])
+        train_step(model, x[idx], y[idx])
         opt.step()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--data-dir", default=None,
-                    help="MNIST folder (default: $NPRUNE_DATA_DIR, else the per-user cache)")
+    ap.add_argument("--data-dir", default=None)
     ap.add_argument("--nets", default="lenet300,lenet5")
     ap.add_argument("--blas-threads", type=int, default=None,
                     help="OpenBLAS threads (set before NumPy loads, see _common.py)")
@@ -125,17 +126,17 @@ def main():
                     train_steps(m, o, data, idx_all[b * per_block:(b + 1) * per_block])
                     times[choice].append((time.perf_counter() - t0) / per_block)
             for choice in variants:
-                accs[choice] = models[choice][0].evaluate(data.x_test, data.y_test)[1]
+                accs[choice] = evaluate(models[choice][0], data.x_test, data.y_test)[1]
             # inference at batch 10,000 (two untimed warm-up calls each)
             # C: the (10000, ...) array as it is; FM: each model's own feature-major copy
-            # (Sequential.feature_major: blocks = its inference chunks), as train() holds the
+            # (nprune.evaluate.feature_major: blocks = its inference chunks), as train() holds the
             # evaluation sets when the first layer may run sparse. Same logits (checked).
             xt = data.x_test[:10000]
-            fm = {c: models[c][0].feature_major(xt, batch_size=10000) for c in ("dense", "auto")}
-            calls = {("dense", "C"): lambda: models["dense"][0].forward(xt, train=False),
-                     ("auto", "C"): lambda: models["auto"][0].forward(xt, train=False),
-                     ("dense", "FM"): lambda: models["dense"][0].predict(fm["dense"]),
-                     ("auto", "FM"): lambda: models["auto"][0].predict(fm["auto"])}
+            fm = {c: feature_major(models[c][0], xt, batch_size=10000) for c in ("dense", "auto")}
+            calls = {("dense", "C"): lambda: chunked_logits(models["dense"][0], xt),
+                     ("auto", "C"): lambda: chunked_logits(models["auto"][0], xt),
+                     ("dense", "FM"): lambda: predict(models["dense"][0], fm["dense"]),
+                     ("auto", "FM"): lambda: predict(models["auto"][0], fm["auto"])}
             for c in ("dense", "auto"):
                 assert np.array_equal(calls[(c, "C")](), calls[(c, "FM")]()), "feature-major logits differ"
             inf = {k: [] for k in calls}

@@ -10,8 +10,8 @@ train split of 55,000 images (``prepare(..., n_val=5000, seed=0)``), preloaded i
 tensors made with ``torch.from_numpy`` for torch); each epoch is a permutation from
 ``nprune.train.batches`` (the same indices for both frameworks), the last partial batch dropped. The
 torch model starts from the nprune model's initial weights. The timed loop is exactly
-``nprune.train.train``'s inner loop (``np.take`` into buffers, ``loss_and_grads``, ``opt.step``), no
-evaluation; the time of one evaluation pass over 15,000 images (``model.evaluate`` val + test; the
+``nprune.train.train``'s inner loop (``np.take`` into buffers, ``train_step``, ``opt.step``), no
+evaluation; the time of one evaluation pass over 15,000 images (``evaluate`` val + test; the
 second of two passes in a row) is reported separately.
 
 The two frameworks train in turns, epoch by epoch (nprune, torch, nprune, ...), so that drift of a
@@ -45,7 +45,7 @@ RECIPES = {  # net: (optimizer, lr, momentum, batch)
     "lenet300": ("adam", 1.2e-3, 0.0, 60),
     "lenet5": ("sgd", 0.01, 0.9, 64),
 }
-DATA_DIR = "/work/shared/data/mnist"
+DATA_DIR = None   # MNIST where nprune.datasets.find_data_dir finds it (e.g. $NPRUNE_DATA_DIR)
 
 
 def _set_threads(n):
@@ -103,8 +103,10 @@ def time_epochs(runners, n, bs, epochs, seed):
 
 def setup_nprune(net, data, seed=0):
     import numpy as np
+    from nprune.evaluate import evaluate as evaluate_model
     from nprune.nets import build
     from nprune.optim import make_optimizer
+    from nprune.train import train_step
     opt_name, lr, mom, bs = RECIPES[net]
     model = build(net, np.random.default_rng(seed))
     init = model.get_weights()
@@ -117,7 +119,7 @@ def setup_nprune(net, data, seed=0):
         for idx in idxs:
             np.take(x, idx, axis=0, out=xb, mode="clip")  # as nprune.train.train
             np.take(y, idx, axis=0, out=yb, mode="clip")
-            model.loss_and_grads(xb, yb)
+            train_step(model, xb, yb)
             opt.step()
 
     def restart():
@@ -126,8 +128,8 @@ def setup_nprune(net, data, seed=0):
 
     def evaluate():
         t0 = time.perf_counter()
-        model.evaluate(data.x_val, data.y_val, 5000)
-        model.evaluate(data.x_test, data.y_test, 5000)
+        evaluate_model(model, data.x_val, data.y_val, 5000)
+        evaluate_model(model, data.x_test, data.y_test, 5000)
         return time.perf_counter() - t0
 
     return dict(run=run, restart=restart, evaluate=evaluate, init=init, steps_per_epoch=len(x) // bs,

@@ -1,6 +1,6 @@
-"""im2col / col2im for NCHW convolutions (and pooling), with naive oracles for the tests.
+"""im2col / col2im: a convolution as one GEMM over unfolded image patches.
 
-Column layout (chosen because it was the fastest on the LeNet-5 shapes, see ``Conv2D``):
+Column layout of :func:`im2col` / :func:`col2im` (images NCHW):
 
     cols.shape == (C * kh * kw, N * OH * OW)
 
@@ -16,7 +16,8 @@ Both :func:`im2col` and :func:`col2im` loop over the ``kh * kw`` filter offsets 
 column buffer. col2im is the adjoint (transpose) of im2col: ``<im2col(x), c> == <x, col2im(c)>``.
 
 Conv2D itself uses the batch-last variants :func:`im2col_hwn` / :func:`col2im_hwn` (images stored
-(C, H, W, N), columns (C*kh*kw, OH*OW*N)); see their docstrings for why.
+(C, H, W, N), columns (C*kh*kw, OH*OW*N)); see their docstrings for why. The slow oracles these are
+tested against are :func:`nprune.reference.im2col_naive` and :func:`nprune.reference.col2im_naive`.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ __all__ = [
     "im2col_hwn",
     "col2im_hwn",
     "im2col_hwn_pool",
-    "im2col_naive",
-    "col2im_naive",
 ]
 
 
@@ -58,6 +57,34 @@ def conv_output_size(n: int, k: int, stride: int = 1, pad: int = 0) -> int:
     return span // stride + 1
 
 
+def _output_hw(h: int, w: int, kh: int, kw: int, stride: int, pad: int) -> tuple[int, int]:
+    """(OH, OW) of a ``kh x kw`` window sliding over an ``h x w`` image (see :func:`conv_output_size`)."""
+    return conv_output_size(h, kh, stride, pad), conv_output_size(w, kw, stride, pad)
+
+
+def _buffer(out: np.ndarray | None, shape: tuple, dtype) -> np.ndarray:
+    """``out`` checked to have ``shape`` and ``dtype``, or a new uninitialised array when None."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.shape != shape or out.dtype != dtype:
+        raise ValueError(f"out buffer has shape {out.shape}/{out.dtype}, expected {shape}/{dtype}")
+    return out
+
+
+def _check_cols(cols: np.ndarray, shape: tuple) -> None:
+    if cols.shape != shape:
+        raise ValueError(f"cols has shape {cols.shape}, expected {shape}")
+
+
+def _offsets(kh: int, kw: int, oh: int, ow: int, stride: int):
+    """Yield ``(i, j, rs, cs)`` for every filter offset (i, j) in row-major order: the slices of
+    the padded image's H and W axes that the (OH, OW) output positions read at that offset."""
+    hs, ws = stride * (oh - 1) + 1, stride * (ow - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, slice(i, i + hs, stride), slice(j, j + ws, stride)
+
+
 def _padded_cnhw(x: np.ndarray, pad: int) -> np.ndarray:
     """``x`` (N, C, H, W) as a (C, N, H+2p, W+2p) array (a transposed view when ``pad == 0``)."""
     xt = x.transpose(1, 0, 2, 3)
@@ -81,19 +108,12 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int = 1, pad: int = 0,
     Returns cols: (C*kh*kw, N*OH*OW), x's dtype, in the layout described in the module docstring.
     """
     n, c, h, w = x.shape
-    oh = conv_output_size(h, kh, stride, pad)
-    ow = conv_output_size(w, kw, stride, pad)
-    if out is None:
-        out = np.empty((c * kh * kw, n * oh * ow), dtype=x.dtype)
-    elif out.shape != (c * kh * kw, n * oh * ow) or out.dtype != x.dtype:
-        raise ValueError(f"out buffer has shape {out.shape}/{out.dtype}, expected "
-                         f"{(c * kh * kw, n * oh * ow)}/{x.dtype}")
+    oh, ow = _output_hw(h, w, kh, kw, stride, pad)
+    out = _buffer(out, (c * kh * kw, n * oh * ow), x.dtype)
     xp = _padded_cnhw(x, pad)
     cols6 = out.reshape(c, kh, kw, n, oh, ow)
-    hs, ws = stride * (oh - 1) + 1, stride * (ow - 1) + 1
-    for i in range(kh):
-        for j in range(kw):
-            cols6[:, i, j] = xp[:, :, i:i + hs:stride, j:j + ws:stride]
+    for i, j, rs, cs in _offsets(kh, kw, oh, ow, stride):
+        cols6[:, i, j] = xp[:, :, rs, cs]
     return out
 
 
@@ -122,17 +142,12 @@ def col2im_cnhw(cols: np.ndarray, x_shape: tuple, kh: int, kw: int, stride: int 
     ``col2im_cnhw(...).transpose(1, 0, 2, 3)`` equals ``col2im(...)`` exactly. Inputs as :func:`col2im`.
     """
     n, c, h, w = x_shape
-    oh = conv_output_size(h, kh, stride, pad)
-    ow = conv_output_size(w, kw, stride, pad)
-    if cols.shape != (c * kh * kw, n * oh * ow):
-        raise ValueError(f"cols has shape {cols.shape}, expected {(c * kh * kw, n * oh * ow)}")
+    oh, ow = _output_hw(h, w, kh, kw, stride, pad)
+    _check_cols(cols, (c * kh * kw, n * oh * ow))
     cols6 = cols.reshape(c, kh, kw, n, oh, ow)
-    hp, wp = h + 2 * pad, w + 2 * pad
-    dxp = np.zeros((c, n, hp, wp), dtype=cols.dtype)
-    hs, ws = stride * (oh - 1) + 1, stride * (ow - 1) + 1
-    for i in range(kh):
-        for j in range(kw):
-            dxp[:, :, i:i + hs:stride, j:j + ws:stride] += cols6[:, i, j]
+    dxp = np.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    for i, j, rs, cs in _offsets(kh, kw, oh, ow, stride):
+        dxp[:, :, rs, cs] += cols6[:, i, j]
     if pad == 0:
         return dxp
     return np.ascontiguousarray(dxp[:, :, pad:pad + h, pad:pad + w])
@@ -160,23 +175,16 @@ def im2col_hwn(xt: np.ndarray, kh: int, kw: int, stride: int = 1, pad: int = 0,
     (the batch-first layout has inner loops of only OW values: 8 for conv2 of LeNet-5).
     """
     c, h, w, n = xt.shape
-    oh = conv_output_size(h, kh, stride, pad)
-    ow = conv_output_size(w, kw, stride, pad)
-    shape = (c * kh * kw, oh * ow * n)
-    if out is None:
-        out = np.empty(shape, dtype=xt.dtype)
-    elif out.shape != shape or out.dtype != xt.dtype:
-        raise ValueError(f"out buffer has shape {out.shape}/{out.dtype}, expected {shape}/{xt.dtype}")
+    oh, ow = _output_hw(h, w, kh, kw, stride, pad)
+    out = _buffer(out, (c * kh * kw, oh * ow * n), xt.dtype)
     if pad:
         xp = np.zeros((c, h + 2 * pad, w + 2 * pad, n), dtype=xt.dtype)
         xp[:, pad:pad + h, pad:pad + w] = xt
     else:
         xp = xt
     cols6 = out.reshape(c, kh, kw, oh, ow, n)
-    hs, ws = stride * (oh - 1) + 1, stride * (ow - 1) + 1
-    for i in range(kh):
-        for j in range(kw):
-            cols6[:, i, j] = xp[:, i:i + hs:stride, j:j + ws:stride]
+    for i, j, rs, cs in _offsets(kh, kw, oh, ow, stride):
+        cols6[:, i, j] = xp[:, rs, cs]
     return out
 
 
@@ -187,16 +195,12 @@ def col2im_hwn(cols: np.ndarray, xt_shape: tuple, kh: int, kw: int, stride: int 
     offset in row-major (i, j) order. Each addition's inner loop is a contiguous run of OW*N values.
     """
     c, h, w, n = xt_shape
-    oh = conv_output_size(h, kh, stride, pad)
-    ow = conv_output_size(w, kw, stride, pad)
-    if cols.shape != (c * kh * kw, oh * ow * n):
-        raise ValueError(f"cols has shape {cols.shape}, expected {(c * kh * kw, oh * ow * n)}")
+    oh, ow = _output_hw(h, w, kh, kw, stride, pad)
+    _check_cols(cols, (c * kh * kw, oh * ow * n))
     cols6 = cols.reshape(c, kh, kw, oh, ow, n)
     dxp = np.zeros((c, h + 2 * pad, w + 2 * pad, n), dtype=cols.dtype)
-    hs, ws = stride * (oh - 1) + 1, stride * (ow - 1) + 1
-    for i in range(kh):
-        for j in range(kw):
-            dxp[:, i:i + hs:stride, j:j + ws:stride] += cols6[:, i, j]
+    for i, j, rs, cs in _offsets(kh, kw, oh, ow, stride):
+        dxp[:, rs, cs] += cols6[:, i, j]
     if pad == 0:
         return dxp
     return np.ascontiguousarray(dxp[:, pad:pad + h, pad:pad + w])
@@ -224,16 +228,11 @@ def im2col_hwn_pool(xt: np.ndarray, kh: int, kw: int, pool: int, stride: int = 1
     input row ``(oh2*pool + a)*stride + i = (oh2 + uh)*S + rh`` with ``(uh, rh) = divmod(a*stride + i, S)``.
     """
     c, h, w, n = xt.shape
-    oh = conv_output_size(h, kh, stride, pad)
-    ow = conv_output_size(w, kw, stride, pad)
+    oh, ow = _output_hw(h, w, kh, kw, stride, pad)
     if pool <= 0 or oh % pool or ow % pool:
         raise ValueError(f"conv output {oh}x{ow} is not tiled by {pool}x{pool} pooling windows")
     oh2, ow2 = oh // pool, ow // pool
-    shape = (c * kh * kw, pool * pool * oh2 * ow2 * n)
-    if out is None:
-        out = np.empty(shape, dtype=xt.dtype)
-    elif out.shape != shape or out.dtype != xt.dtype:
-        raise ValueError(f"out buffer has shape {out.shape}/{out.dtype}, expected {shape}/{xt.dtype}")
+    out = _buffer(out, (c * kh * kw, pool * pool * oh2 * ow2 * n), xt.dtype)
     S = pool * stride
     hs, ws = -(-(h + 2 * pad) // S), -(-(w + 2 * pad) // S)
     if pad == 0 and h == hs * S and w == ws * S:
@@ -251,33 +250,3 @@ def im2col_hwn_pool(xt: np.ndarray, kh: int, kw: int, pool: int, stride: int = 1
                     uw, rw = divmod(b * stride + j, S)
                     cols8[:, i, j, a, b] = xs[rh, rw, :, uh:uh + oh2, uw:uw + ow2]
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Naive oracles (tests only): explicit index arithmetic and np.add.at.
-# ----------------------------------------------------------------------------------------------
-
-def _naive_indices(x_shape, kh, kw, stride, pad):
-    n, c, h, w = x_shape
-    oh = conv_output_size(h, kh, stride, pad)
-    ow = conv_output_size(w, kw, stride, pad)
-    cc, ii, jj, nn, oo, pp = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), np.arange(n),
-                                         np.arange(oh), np.arange(ow), indexing="ij")
-    rows = (nn, cc, oo * stride + ii, pp * stride + jj)
-    return rows, (c * kh * kw, n * oh * ow)
-
-
-def im2col_naive(x, kh, kw, stride=1, pad=0):
-    """Oracle for :func:`im2col` via fancy indexing into the padded image (tests only)."""
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    idx, shape = _naive_indices(x.shape, kh, kw, stride, pad)
-    return xp[idx].reshape(shape)
-
-
-def col2im_naive(cols, x_shape, kh, kw, stride=1, pad=0):
-    """Oracle for :func:`col2im` via ``np.add.at`` into the padded image (tests only)."""
-    n, c, h, w = x_shape
-    xp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
-    idx, shape = _naive_indices(x_shape, kh, kw, stride, pad)
-    np.add.at(xp, idx, cols.reshape(c, kh, kw, n, *idx[0].shape[-2:]))
-    return xp[:, :, pad:pad + h, pad:pad + w].copy()

@@ -1,4 +1,5 @@
-"""Layers with hand-written forward and backward passes, each carrying an elementwise weight mask.
+"""Layers with hand-written forward and backward passes, each carrying an elementwise weight mask
+(Dense, Conv2D, ReLU, Flatten here; MaxPool2D in :mod:`nprune.pooling`).
 
 The contract every layer keeps (tests check it):
 
@@ -30,14 +31,18 @@ __all__ = [
     "Layer",
     "Dense",
     "Conv2D",
-    "MaxPool2D",
     "ReLU",
     "Flatten",
-    "conv2d_naive_forward",
-    "conv2d_naive_backward",
-    "maxpool_naive_forward",
-    "maxpool_naive_backward",
+    "mask_to_apply",
 ]
+
+
+def mask_to_apply(mask):
+    """``mask`` when multiplying by it can change something; None when it is None or keeps every
+    entry. The dense round of an experiment installs masks of all ones: multiplying a weight or its
+    gradient by them would cost a pass over the array every step and change nothing, so backward and
+    the optimisers skip them."""
+    return None if mask is None or mask.all() else mask
 
 
 def _pair(v, what: str) -> tuple[int, int]:
@@ -66,7 +71,7 @@ class Layer:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.masks: dict[str, np.ndarray | None] = {}
-        self._mask_ones: dict = {}   # name -> the mask set_mask stored, when it keeps every entry
+        self._mask_seen: dict = {}   # name -> (mask object, mask_to_apply(mask)), see _mask_to_apply
         self.prunable: tuple[str, ...] = ()
         self.need_dx: bool = True
         self._cache = None
@@ -77,9 +82,12 @@ class Layer:
 
     # -- forward / backward -------------------------------------------------------------------
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:  # pragma: no cover
+        """Inputs: x (N, ...). Returns y (N, ...); caches what backward needs when ``train``."""
         raise NotImplementedError
 
     def backward(self, dout: np.ndarray) -> np.ndarray | None:  # pragma: no cover
+        """Inputs: dout (the shape of y). Fills ``grads``; returns dx (the shape of x), or None
+        when ``need_dx`` is False."""
         raise NotImplementedError
 
     def _get_cache(self):
@@ -121,7 +129,6 @@ class Layer:
                            f"(prunable: {list(self.prunable)})")
         if mask is None:
             self.masks[name] = None
-            self._mask_ones.pop(name, None)
             if self.kernel is not None:
                 self.kernel.mask_changed(self)
             return
@@ -136,7 +143,6 @@ class Layer:
             if not np.all(keep | (m == 0)) or not np.all(m[keep] == 1):
                 raise ValueError(f"numeric mask for {name!r} must contain only 0 and 1")
         self.masks[name] = keep.astype(p.dtype)
-        self._mask_ones[name] = self.masks[name] if keep.all() else None
         p[~keep] = 0
         if self.kernel is not None:
             self.kernel.mask_changed(self)
@@ -149,11 +155,19 @@ class Layer:
         """Number of entries in all parameters (weights and biases)."""
         return int(sum(v.size for v in self.params.values()))
 
-    def _mask_grad(self, name: str) -> None:
-        # a mask of all ones (the dense round of an experiment) would multiply by 1.0: skipped.
-        # set_mask remembers that mask object; any other array in ``masks`` is applied.
+    def _mask_to_apply(self, name: str):
+        """:func:`mask_to_apply` of ``masks[name]``, decided once per mask object (masks are
+        replaced, never edited in place, so a new object is a new decision)."""
         m = self.masks.get(name)
-        if m is not None and m is not self._mask_ones.get(name):
+        seen = self._mask_seen.get(name)
+        if seen is None or seen[0] is not m:
+            seen = self._mask_seen[name] = (m, mask_to_apply(m))
+        return seen[1]
+
+    def _mask_grad(self, name: str) -> None:
+        """``grads[name] *= masks[name]``, skipped where the mask prunes nothing."""
+        m = self._mask_to_apply(name)
+        if m is not None:
             self.grads[name] *= m
 
     def __repr__(self) -> str:
@@ -188,7 +202,10 @@ class Dense(Layer):
         return self.dense_forward(x, train)
 
     def dense_forward(self, x, train=True):
-        """The masked dense forward (the default kernel; also what nprune.kernels falls back to)."""
+        """The dense code of :meth:`forward` (what runs without a kernel; kernels fall back on it).
+
+        Inputs: x (N, in), any float dtype (cast to the layer's). Returns y = x @ W + b (N, out).
+        Caches x when ``train``."""
         x = np.asarray(x)
         if x.dtype != self.dtype:
             x = x.astype(self.dtype)
@@ -211,7 +228,9 @@ class Dense(Layer):
         return self.dense_backward(dout)
 
     def dense_backward(self, dout):
-        """The masked dense backward (the default kernel; also what nprune.kernels falls back to)."""
+        """The dense code of :meth:`backward`. Inputs: dout (N, out). Fills grads W = x.T @ dout
+        (in, out), times the mask, and b (out,). Returns dx = dout @ W.T (N, in), or None when
+        ``need_dx`` is False."""
         x = self._get_cache()
         np.matmul(x.T, dout, out=self.grads["W"])
         self._mask_grad("W")
@@ -263,11 +282,11 @@ class Conv2D(Layer):
     input is already (C, H, W, N) in memory and im2col reads it directly; in backward a gradient in
     that order is used by the GEMMs without a copy, and dx is returned the same way (a view of a
     (C, H, W, N) array). Batch-last makes every im2col/col2im/pool copy run over contiguous rows of
-    ``W*N`` values instead of ``W`` (8 for conv2 of LeNet-5); the conv/pool part of the LeNet-5 step
-    went from 15.9 to 10.6 ms (single-threaded BLAS) against the batch-first, NCHW-copying version. Call ``np.ascontiguousarray`` if C order is needed.
+    ``W*N`` values instead of ``W`` (8 for conv2 of LeNet-5), and saves the transposing copies a
+    batch-first layout needs between layers. Call ``np.ascontiguousarray`` if C order is needed.
     In training mode the columns are kept for backward (in a buffer reused across steps).
 
-    Fused pooling (``pool_fuse = s``, set by :class:`~nprune.model.Sequential` when a MaxPool2D with
+    Fused pooling (``pool_fuse = s``, set by :func:`nprune.nets.fuse_conv_pool` when a MaxPool2D with
     size = stride = s follows and the layer needs no dx, i.e. conv1 of LeNet-5): the columns are built
     in pool-phase order (:func:`~nprune.im2col.im2col_hwn_pool`) and forward returns a
     :class:`PoolPhase` instead of an array; the MaxPool2D then pools over s*s contiguous blocks
@@ -403,141 +422,6 @@ class Conv2D(Layer):
                 f"stride={self.stride}, padding={self.padding}, name={self.name!r})")
 
 
-class MaxPool2D(Layer):
-    """Max pooling over ``size x size`` windows with ``stride`` (default ``size``), no padding.
-
-    Output size ``OH = (H - size) // stride + 1`` (floor, like torch's ``ceil_mode=False``; trailing
-    rows/columns that do not fill a window are ignored).
-
-    Implementation: a loop over the ``size*size`` window offsets, each a strided slice of shape
-    (N, C, OH, OW), combined with ``np.maximum`` (this was ~20x faster than reshaping to
-    (N, C, H/s, s, W/s, s) and reducing over two axes). It handles tiling and overlapping windows.
-
-    Ties: the gradient of each window goes to exactly ONE position, the first maximum in row-major
-    order within the window (this is what torch does too, and what the naive oracle does).
-    """
-
-    def __init__(self, size: int = 2, stride: int | None = None):
-        super().__init__()
-        self.size = int(size)
-        self.stride = self.size if stride is None else int(stride)
-        if self.size <= 0 or self.stride <= 0:
-            raise ValueError(f"size and stride must be positive, got {size}, {stride}")
-
-    def output_shape(self, x_shape):
-        n, c, h, w = x_shape
-        if h < self.size or w < self.size:
-            raise ValueError(f"pool size {self.size} larger than input {h}x{w}")
-        return (n, c, (h - self.size) // self.stride + 1, (w - self.size) // self.stride + 1)
-
-    def _slice(self, di, dj, oh, ow):
-        s = self.stride
-        return (slice(None), slice(None), slice(di, di + s * (oh - 1) + 1, s),
-                slice(dj, dj + s * (ow - 1) + 1, s))
-
-    def forward(self, x, train=True):
-        """Inputs: x (N, C, H, W). Returns y (N, C, OH, OW), x's dtype and memory order.
-        Caches x and y when ``train``. A :class:`PoolPhase` input (fused Conv2D) is pooled over its
-        contiguous phase blocks, with the same result and tie rule."""
-        if isinstance(x, PoolPhase):
-            return self._forward_phase(x, train)
-        x = np.asarray(x)
-        if x.ndim != 4:
-            raise ValueError(f"MaxPool2D expects (N, C, H, W), got {x.shape}")
-        n, c, oh, ow = self.output_shape(x.shape)
-        offsets = [(di, dj) for di in range(self.size) for dj in range(self.size)]
-        first = x[self._slice(0, 0, oh, ow)]
-        y = np.empty_like(first)  # order "K": keeps x's memory order
-        if len(offsets) == 1:
-            y[...] = first
-        else:
-            np.maximum(first, x[self._slice(*offsets[1], oh, ow)], out=y)
-        for di, dj in offsets[2:]:
-            np.maximum(y, x[self._slice(di, dj, oh, ow)], out=y)
-        if train:
-            self._cache = (x, y)
-        return y
-
-    def backward(self, dout):
-        """Inputs: dout (N, C, OH, OW). Returns dx (N, C, H, W) in x's memory order: dout routed
-        to the first argmax of each window.
-
-        One pass per window offset (row-major): ``hit = (x_offset == y) & remaining`` picks the
-        windows whose first maximum sits at this offset, ``dx_offset = dout * hit``, and
-        ``remaining ^= hit`` retires them (exact ties, e.g. flat background regions, are common).
-        All temporaries are allocated in y's memory order so every ufunc runs over contiguous rows.
-        """
-        x, y = self._get_cache()
-        if isinstance(x, PoolPhase):
-            return self._backward_phase(x, y, dout)
-        oh, ow = y.shape[2:]
-        dtype = np.result_type(x.dtype, dout.dtype)
-        n, c, h, w = x.shape
-        tiling = self.stride >= self.size  # slices of different offsets never overlap
-        exact_cover = self.stride == self.size and h == oh * self.size and w == ow * self.size
-        # x's memory order; when the windows tile x exactly every entry is written below.
-        dx = np.empty_like(x, dtype=dtype) if exact_cover else np.zeros_like(x, dtype=dtype)
-        if dout.strides != y.strides:  # bring dout to y's memory order once (output-sized copy)
-            d = np.empty_like(y, dtype=dout.dtype)  # order "K": keeps y's memory order
-            d[...] = dout
-            dout = d
-        remaining = np.ones_like(y, dtype=bool)
-        hit = np.empty_like(y, dtype=bool)
-        tmp = None if tiling else np.empty_like(y, dtype=dx.dtype)
-        for di in range(self.size):
-            for dj in range(self.size):
-                sl = self._slice(di, dj, oh, ow)
-                np.equal(x[sl], y, out=hit)
-                hit &= remaining
-                if tiling:
-                    np.multiply(dout, hit, out=dx[sl])
-                else:
-                    np.multiply(dout, hit, out=tmp)
-                    dx[sl] += tmp
-                remaining ^= hit
-        return dx
-
-    def _forward_phase(self, x: PoolPhase, train: bool):
-        """Max over the s*s contiguous blocks of ``x.y`` (F, s*s, M2) -> (N, C, OH2, OW2) in
-        (C, OH2, OW2, N) memory order, as the unfused path returns it."""
-        if x.size != self.size or self.stride != self.size:
-            raise ValueError(f"{self!r} got a PoolPhase for {x.size}x{x.size} windows")
-        n, c, oh, ow = x.shape
-        oh2, ow2 = oh // self.size, ow // self.size
-        blocks = x.y
-        p = np.empty((c, oh2 * ow2 * n), dtype=blocks.dtype)
-        np.maximum(blocks[:, 0], blocks[:, 1], out=p)
-        for k in range(2, blocks.shape[1]):
-            np.maximum(p, blocks[:, k], out=p)
-        if train:
-            self._cache = (x, p)
-        return p.reshape(c, oh2, ow2, n).transpose(3, 0, 1, 2)
-
-    def _backward_phase(self, x: PoolPhase, p, dout):
-        """dout (N, C, OH2, OW2) -> :class:`PoolPhaseGrad` (C, s*s, M2): each window's gradient to its
-        first maximum in row-major window order (block order k = a*s + b), as in :meth:`backward`."""
-        c = p.shape[0]
-        dt = dout.transpose(1, 2, 3, 0)                       # (C, OH2, OW2, N)
-        if not (dt.flags.c_contiguous and dt.dtype == p.dtype):
-            dt = np.ascontiguousarray(dt, dtype=p.dtype)
-        d = dt.reshape(c, -1)
-        blocks = x.y
-        dy = np.empty_like(blocks)
-        remaining = np.ones(p.shape, dtype=bool)
-        hit = np.empty(p.shape, dtype=bool)
-        last = blocks.shape[1] - 1
-        for k in range(last + 1):
-            np.equal(blocks[:, k], p, out=hit)
-            hit &= remaining
-            np.multiply(d, hit, out=dy[:, k])
-            if k < last:
-                remaining ^= hit
-        return PoolPhaseGrad(dy)
-
-    def __repr__(self):
-        return f"MaxPool2D(size={self.size}, stride={self.stride}, name={self.name!r})"
-
-
 class ReLU(Layer):
     """Elementwise ``max(x, 0)``; the gradient at exactly 0 is taken as 0."""
 
@@ -570,75 +454,3 @@ class Flatten(Layer):
     def backward(self, dout):
         """Inputs: dout (N, D). Returns dx reshaped to the cached input shape (a view of dout)."""
         return dout.reshape(self._get_cache())
-
-
-# ----------------------------------------------------------------------------------------------
-# Slow, obvious reference implementations ("oracles"). Explicit Python loops; used only by tests.
-# ----------------------------------------------------------------------------------------------
-
-def conv2d_naive_forward(x, W, b, stride=1, padding=0):
-    """Oracle convolution. x (N, C, H, W), W (F, C, kh, kw), b (F,) or None -> y (N, F, OH, OW)."""
-    n, c, h, w = x.shape
-    f, _, kh, kw = W.shape
-    oh = conv_output_size(h, kh, stride, padding)
-    ow = conv_output_size(w, kw, stride, padding)
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    y = np.zeros((n, f, oh, ow), dtype=np.result_type(x, W))
-    for i in range(n):
-        for k in range(f):
-            for r in range(oh):
-                for s in range(ow):
-                    win = xp[i, :, r * stride:r * stride + kh, s * stride:s * stride + kw]
-                    y[i, k, r, s] = np.sum(win * W[k]) + (0 if b is None else b[k])
-    return y
-
-
-def conv2d_naive_backward(x, W, dout, stride=1, padding=0):
-    """Oracle convolution backward. Returns (dx (N,C,H,W), dW (F,C,kh,kw), db (F,))."""
-    n, c, h, w = x.shape
-    f, _, kh, kw = W.shape
-    _, _, oh, ow = dout.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    dxp = np.zeros_like(xp, dtype=np.result_type(x, W, dout))
-    dW = np.zeros_like(W, dtype=dxp.dtype)
-    for i in range(n):
-        for k in range(f):
-            for r in range(oh):
-                for s in range(ow):
-                    rs = slice(r * stride, r * stride + kh)
-                    cs = slice(s * stride, s * stride + kw)
-                    dW[k] += dout[i, k, r, s] * xp[i, :, rs, cs]
-                    dxp[i, :, rs, cs] += dout[i, k, r, s] * W[k]
-    db = dout.sum(axis=(0, 2, 3))
-    dx = dxp[:, :, padding:padding + h, padding:padding + w].copy()
-    return dx, dW, db
-
-
-def maxpool_naive_forward(x, size=2, stride=None):
-    """Oracle max pooling (floor mode). x (N, C, H, W) -> y (N, C, OH, OW)."""
-    stride = size if stride is None else stride
-    n, c, h, w = x.shape
-    oh, ow = (h - size) // stride + 1, (w - size) // stride + 1
-    y = np.zeros((n, c, oh, ow), dtype=x.dtype)
-    for i in range(n):
-        for k in range(c):
-            for r in range(oh):
-                for s in range(ow):
-                    y[i, k, r, s] = x[i, k, r * stride:r * stride + size,
-                                      s * stride:s * stride + size].max()
-    return y
-
-
-def maxpool_naive_backward(x, dout, size=2, stride=None):
-    """Oracle max-pool backward: each window's gradient goes to its first (row-major) argmax."""
-    stride = size if stride is None else stride
-    n, c, oh, ow = dout.shape
-    dx = np.zeros(x.shape, dtype=np.result_type(x, dout))
-    for i in range(n):
-        for k in range(c):
-            for r in range(oh):
-                for s in range(ow):
-                    win = x[i, k, r * stride:r * stride + size, s * stride:s * stride + size]
-                    a, bb = np.unravel_index(np.argmax(win), win.shape)
-                    dx[i, k, r * stride + a, s * stride + bb] += dout[i, k, r, s]
-    return dx

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+from .layers import Conv2D, Dense, Flatten, ReLU
 from .model import Sequential
+from .pooling import MaxPool2D
 
 
 def lenet300(rng: np.random.Generator, init: str = "glorot_normal", dtype=np.float32) -> Sequential:
@@ -44,10 +45,21 @@ def lenet5(rng: np.random.Generator, init: str = "glorot_normal", dtype=np.float
 NETS = {"lenet300": lenet300, "lenet5": lenet5}
 
 
+def fuse_conv_pool(model: Sequential) -> Sequential:
+    """Fuse every Conv2D that needs no dx with a tiling MaxPool2D right after it (size = stride > 1;
+    in LeNet-5: conv1 + pool1) by setting ``conv.pool_fuse`` (see :class:`~nprune.layers.Conv2D`):
+    the same values, without the pool's strided passes. Returns ``model``."""
+    for a, b in zip(model.layers, model.layers[1:]):
+        if isinstance(a, Conv2D) and isinstance(b, MaxPool2D) and b.stride == b.size > 1 \
+                and not a.need_dx:
+            a.pool_fuse = b.size
+    return model
+
+
 def build(name: str, rng: np.random.Generator, init: str = "glorot_normal", dtype=np.float32) -> Sequential:
-    """Build a network by name (``lenet300`` or ``lenet5``)."""
+    """Build a network by name (``lenet300`` or ``lenet5``), with :func:`fuse_conv_pool` applied."""
     try:
         fn = NETS[name]
     except KeyError:
         raise ValueError(f"unknown net {name!r}; choose from {', '.join(NETS)}") from None
-    return fn(rng, init=init, dtype=dtype)
+    return fuse_conv_pool(fn(rng, init=init, dtype=dtype))

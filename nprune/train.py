@@ -10,6 +10,8 @@
   of minimum *validation* loss; the test accuracy reported "at early stop" is the one measured at that
   iteration. Selection never looks at the test set.
 * Divergence: a non-finite training loss raises :class:`DivergenceError` at once.
+* Step: :func:`train_step` (forward, loss, flush of tiny logit gradients, backward), then the
+  optimiser's step.
 """
 from __future__ import annotations
 
@@ -21,7 +23,19 @@ from typing import Callable
 import numpy as np
 
 from .datasets import iterate_minibatches
+from .evaluate import evaluate, evaluation_copy
+from .losses import softmax_cross_entropy
 from .optim import make_optimizer
+
+#: Entries of dL/dlogits smaller than this in magnitude are set to exactly 0 before backward. Once a
+#: network has memorised its training batches (training loss ~1e-6, e.g. a rewound ticket late in a
+#: long round), softmax puts ~1e-39 on the wrong classes and dL/dlogits holds float32 subnormals
+#: (< 1.2e-38). x86 arithmetic on subnormals is about a hundred times slower and NumPy cannot set
+#: flush-to-zero, so every backward GEMM that reads them crawls and such a step takes several times
+#: as long as a normal one; the flush costs a few microseconds. It does what a CPU's flush-to-zero
+#: mode would: a dropped entry changes a weight gradient by < 1e-30 times an activation or weight,
+#: so it rarely changes a float32 bit of the weights.
+GRAD_FLUSH_BELOW = 1e-30
 
 
 class DivergenceError(RuntimeError):
@@ -81,6 +95,23 @@ def batches(n: int, batch_size: int, iterations: int, rng: np.random.Generator):
             done += 1
 
 
+def flush_tiny_gradients(dlogits: np.ndarray) -> None:
+    """Set the entries of ``dlogits`` below :data:`GRAD_FLUSH_BELOW` in magnitude to 0, in place."""
+    np.copyto(dlogits, 0, where=np.abs(dlogits) < GRAD_FLUSH_BELOW)
+
+
+def train_step(model, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """One training pass: forward, mean softmax cross-entropy, :func:`flush_tiny_gradients`,
+    backward (fills the model's ``grads``).
+
+    Inputs: x (N, ...) a batch, y (N,) int labels. Returns (loss, logits (N, classes))."""
+    logits = model.forward(x, train=True)
+    loss, dlogits = softmax_cross_entropy(logits, y)
+    flush_tiny_gradients(dlogits)
+    model.backward(dlogits)
+    return loss, logits
+
+
 def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=None,
           snapshot_at=(), progress: Callable | None = None) -> tuple[TrainResult, dict]:
     """Train ``model`` in place.
@@ -107,12 +138,10 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
     if 0 in want:
         snaps[0] = model.get_weights()
     x, y = data.x_train, data.y_train
-    # evaluation sets: held feature-major when the model's first layer may run sparse (Sequential.
-    # wants_feature_major); the same logits and losses to the last bit, without a transposing copy
-    # of every evaluated chunk
+    # evaluated many times: held as nprune.evaluate.evaluation_copy says (same bits, maybe faster)
     x_val, x_test = data.x_val, data.x_test
-    if (cfg.eval_every or cfg.iterations) and model.wants_feature_major():
-        x_val, x_test = (model.feature_major(a, cfg.eval_batch) if len(a) else a for a in (x_val, x_test))
+    if cfg.eval_every or cfg.iterations:
+        x_val, x_test = (evaluation_copy(model, a, cfg.eval_batch) for a in (x_val, x_test))
     xb = np.empty((cfg.batch_size,) + x.shape[1:], x.dtype)
     yb = np.empty((cfg.batch_size,), y.dtype)
     t0 = time.perf_counter()
@@ -124,7 +153,7 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
         # gathers into a temporary and copies it into ``out``.
         np.take(x, idx, axis=0, out=xb, mode="clip")
         np.take(y, idx, axis=0, out=yb, mode="clip")
-        loss, _ = model.loss_and_grads(xb, yb)
+        loss, _ = train_step(model, xb, yb)
         if not math.isfinite(loss):
             raise DivergenceError(it + 1, loss)
         opt.step()
@@ -134,8 +163,8 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
         if it in want:
             snaps[it] = model.get_weights()
         if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iterations:
-            vl, va = model.evaluate(x_val, data.y_val, cfg.eval_batch)
-            tl, ta = model.evaluate(x_test, data.y_test, cfg.eval_batch)
+            vl, va = evaluate(model, x_val, data.y_val, cfg.eval_batch)
+            tl, ta = evaluate(model, x_test, data.y_test, cfg.eval_batch)
             res.iterations.append(it)
             res.train_loss.append(run_loss / run_n)
             run_loss, run_n = 0.0, 0

@@ -8,6 +8,7 @@ import pytest
 from nprune import nets
 from nprune.kernels import (AutoKernel, ConvKernelSparse, DenseKernelSparse, apply_kernel,
                             kernel_report, make_kernel, thresholds)
+from nprune.evaluate import evaluate, predict
 from nprune.layers import Conv2D, Dense
 from nprune.optim import SGD, Adam
 
@@ -247,7 +248,7 @@ def _auto_train(t, steps=30):
     for s in range(steps):
         model.loss_and_grads(x[(s % 4) * 16:(s % 4 + 1) * 16], y[(s % 4) * 16:(s % 4 + 1) * 16])
         opt.step()
-    return model, model.predict(x)
+    return model, predict(model, x)
 
 
 def test_auto_same_seed_same_bits_twice():
@@ -360,7 +361,7 @@ def _train_acc(choice, masks, x, y, xt, yt, steps=150):
         opt.step()
     for n, m in masks.items():
         assert np.all(model.params()[n][~m] == 0)
-    return model.evaluate(xt, yt)[1]
+    return evaluate(model, xt, yt)[1]
 
 
 def test_short_training_same_accuracy_sparse_vs_dense():

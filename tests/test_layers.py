@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from nprune.gradcheck import numerical_gradient, rel_error
-from nprune.layers import (Conv2D, Dense, Flatten, MaxPool2D, ReLU, conv2d_naive_backward,
-                           conv2d_naive_forward, maxpool_naive_backward, maxpool_naive_forward)
+from nprune.layers import Conv2D, Dense, Flatten, ReLU
+from nprune.pooling import MaxPool2D
+from nprune.reference import (conv2d_naive_backward, conv2d_naive_forward, maxpool_naive_backward,
+                              maxpool_naive_forward)
 
 F64 = np.float64
 TOL = 1e-7

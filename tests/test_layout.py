@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 
-from nprune.im2col import (col2im, col2im_cnhw, col2im_hwn, col2im_naive, conv_output_size,
-                           im2col_hwn, im2col_hwn_pool, im2col_naive)
-from nprune.layers import (Conv2D, MaxPool2D, conv2d_naive_backward, conv2d_naive_forward,
-                           maxpool_naive_backward, maxpool_naive_forward)
+from nprune.im2col import col2im, col2im_cnhw, col2im_hwn, conv_output_size, im2col_hwn, im2col_hwn_pool
+from nprune.layers import Conv2D
+from nprune.nets import fuse_conv_pool
+from nprune.pooling import MaxPool2D
+from nprune.reference import (col2im_naive, conv2d_naive_backward, conv2d_naive_forward, im2col_naive,
+                              maxpool_naive_backward, maxpool_naive_forward)
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -99,8 +101,8 @@ def test_im2col_pool_rejects_untiled_output():
 def _conv_pool_pair(dtype, ties, rng):
     from nprune.model import Sequential
     from nprune.layers import Flatten
-    net = Sequential([("conv", Conv2D(2, 4, 3, np.random.default_rng(5), dtype=dtype)),
-                      ("pool", MaxPool2D(2)), ("flat", Flatten())])
+    net = fuse_conv_pool(Sequential([("conv", Conv2D(2, 4, 3, np.random.default_rng(5), dtype=dtype)),
+                                     ("pool", MaxPool2D(2)), ("flat", Flatten())]))
     conv = net.layers[0]
     conv.params["b"][...] = rng.standard_normal(4)
     if ties:
@@ -110,7 +112,7 @@ def _conv_pool_pair(dtype, ties, rng):
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_fused_conv_pool_matches_unfused_and_naive(ties):
-    """Sequential fuses a first-layer Conv2D with the tiling MaxPool2D after it; forward values, the
+    """fuse_conv_pool fuses a first-layer Conv2D with the tiling MaxPool2D after it; forward values, the
     tie rule and the gradients equal the unfused pair and the naive oracles (float64, exact where the
     arithmetic is: integer-valued inputs make every product and sum exact)."""
     rng = np.random.default_rng(11)
@@ -168,8 +170,11 @@ def test_only_a_first_layer_conv_with_tiling_pool_is_fused():
     conv1, conv2 = m.layers[0], m.layers[2]
     assert conv1.pool_fuse == 2 and conv2.pool_fuse == 0          # conv2 needs dx: not fused
     from nprune.model import Sequential
-    seq = Sequential([("c", Conv2D(1, 2, 3, np.random.default_rng(0))), ("p", MaxPool2D(2, stride=1))])
+    seq = fuse_conv_pool(Sequential([("c", Conv2D(1, 2, 3, np.random.default_rng(0))),
+                                     ("p", MaxPool2D(2, stride=1))]))
     assert seq.layers[0].pool_fuse == 0                            # overlapping windows: not fused
+    plain = Sequential([("c", Conv2D(1, 2, 3, np.random.default_rng(0))), ("p", MaxPool2D(2))])
+    assert plain.layers[0].pool_fuse == 0                          # only fuse_conv_pool fuses
 
 
 def test_fused_backward_refuses_a_need_dx_switched_on_after_forward():

@@ -6,7 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from nprune.layers import Conv2D, Dense, MaxPool2D, ReLU  # noqa: E402
+from nprune.layers import Conv2D, Dense, ReLU  # noqa: E402
+from nprune.pooling import MaxPool2D  # noqa: E402
 from nprune.losses import softmax_cross_entropy  # noqa: E402
 
 pytestmark = pytest.mark.torch

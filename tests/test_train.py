@@ -8,7 +8,7 @@ import pytest
 from nprune import nets
 from nprune.gradcheck import rel_error
 from nprune.losses import softmax_cross_entropy
-from nprune.train import DivergenceError, TrainConfig, batches, train
+from nprune.train import GRAD_FLUSH_BELOW, DivergenceError, TrainConfig, batches, train, train_step
 
 
 def test_batches_are_epoch_permutations():
@@ -126,3 +126,28 @@ def test_whole_masked_network_gradient(net):
         assert rel_error(grads[name].reshape(-1)[idx], num) < 1e-7, name
         if m is not None:
             assert np.all(grads[name][~m] == 0.0)
+
+
+def test_train_step_flushes_subnormal_logit_gradients():
+    """A memorised batch makes softmax put ~1e-39 on the wrong classes; dL/dlogits entries below
+    GRAD_FLUSH_BELOW (1e-30) reach backward as exact zeros (float32 subnormals are ~100x slower);
+    every other entry is untouched."""
+    rng = np.random.default_rng(6)
+    m = nets.build("lenet300", rng)
+    x = rng.random((8, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, 8)
+    seen = []
+    inner = m.backward
+    m.backward = lambda d: seen.append(d.copy()) or inner(d)
+    logits0 = m.forward(x, train=False)
+    m.layers[-1].params["W"] *= 60.0 / np.abs(logits0).max()    # logits ~100 apart
+    m.layers[-1].params["b"][:] = 0
+    _, ref = softmax_cross_entropy(m.forward(x, train=False), y)
+    tiny = (ref != 0) & (np.abs(ref) < GRAD_FLUSH_BELOW)
+    assert tiny.any()                                 # the batch does produce such entries
+    train_step(m, x, y)
+    d = seen[-1]
+    assert np.all(d[tiny] == 0) and np.array_equal(d[~tiny], ref[~tiny])
+    assert not np.any((d != 0) & (np.abs(d) < GRAD_FLUSH_BELOW))
+    m.loss_and_grads(x, y)                            # the plain gradient: no flush
+    np.testing.assert_array_equal(seen[-1], ref)
