@@ -114,7 +114,7 @@ def main():
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
     import numpy as np
-    from nprune.datasets import load_dataset, prepare
+    from nprune.data.datasets import load_dataset, prepare
     have_torch = False
     if not args.no_torch:
         try:

@@ -51,7 +51,7 @@ RECIPES = {"lenet300": ("adam", 1.2e-3, 0.0, 60), "lenet5": ("sgd", 0.01, 0.9, 6
 
 def load(data_dir):
     try:
-        from nprune.datasets import load_dataset, prepare
+        from nprune.data.datasets import load_dataset, prepare
         d = prepare(load_dataset("mnist", data_dir=data_dir), n_val=5000, seed=0)
         return d.x_train, d.y_train
     except Exception as e:  # pragma: no cover - offline fallback

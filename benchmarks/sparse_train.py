@@ -34,7 +34,7 @@ from _common import RESULTS, env_info, env_line, md_table, save_json
 import numpy as np  # after _common (it applies --blas-threads before NumPy loads)
 
 from nprune import nets
-from nprune.datasets import load_dataset, prepare
+from nprune.data.datasets import load_dataset, prepare
 from nprune.optim import Adam
 from nprune.prune import magnitude_layerwise
 from nprune.train import batches

@@ -55,7 +55,7 @@ def _set_threads(n):
 
 
 def load_data(data_dir=DATA_DIR):
-    from nprune.datasets import load_dataset, prepare
+    from nprune.data.datasets import load_dataset, prepare
     return prepare(load_dataset("mnist", data_dir=data_dir), n_val=5000, seed=0)
 
 

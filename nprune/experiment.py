@@ -20,7 +20,7 @@ from pathlib import Path
 from . import nets
 from .init import INITIALIZERS
 from .lottery import IMP, Recipe, check_strategy, default_rates
-from .runs import atomic_write_json, load_json
+from .data.fsutil import atomic_write_json, load_json
 
 # ---------------------------------------------------------------------------------------------------
 # presets: per-net recipe fields, plus the plan (nets, strategies, rounds, seeds)
@@ -313,7 +313,7 @@ def _remaining_iterations(imp: IMP, job: dict) -> int:
 
 
 def _load_data(recipe: Recipe, data_dir, download: bool):
-    from .datasets import load_dataset, prepare
+    from .data.datasets import load_dataset, prepare
     raw = load_dataset(recipe.dataset, data_dir=data_dir, download=download)
     return prepare(raw, n_val=recipe.n_val, seed=0)
 
@@ -481,7 +481,7 @@ def cmd_report(argv) -> int:
 def cmd_train(argv) -> int:
     """Train one dense network and print validation/test accuracy after every epoch."""
     import numpy as np
-    from .datasets import load_dataset, prepare
+    from .data.datasets import load_dataset, prepare
     from .train import TrainConfig, train
     p = _Parser(prog="python -m nprune.experiment train",
                 description="Train one dense network (no pruning) and print its accuracy per epoch. "
@@ -561,7 +561,7 @@ def cmd_train(argv) -> int:
 
 
 def _write_train_json(path, a, cfg, per_epoch, runs) -> None:
-    from .datasets import DataError
+    from .data.datasets import DataError
     try:
         atomic_write_json(path, {"net": a.net, "dataset": a.dataset, "init": a.init, "epochs": a.epochs,
                                  "n_val": a.val, "kernel": a.kernel, "steps_per_epoch": per_epoch,
@@ -599,7 +599,7 @@ def cmd_run(argv) -> int:
     args = build_parser().parse_args(argv)
     jobs = resolve(args)
     out = Path(args.out)
-    from .datasets import load_dataset
+    from .data.datasets import load_dataset
     from .report import write_report
     # --kernel auto: a bad thresholds table (the run folder's or the user's) is reported now
     for job in jobs:
@@ -625,7 +625,7 @@ def cmd_run(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from .datasets import DataError
+    from .data.datasets import DataError
     from .sparse import ThresholdsError
     from .train import DivergenceError
     try:

@@ -34,8 +34,8 @@ import numpy as np
 
 from . import nets
 from .prune import SCOPES, prune, sparsity_report
-from .runs import (atomic_save_npz, atomic_write_json, dataclass_dict, load_json, load_npz,
-                   stable_hash)
+from .data.fsutil import atomic_save_npz, atomic_write_json, load_json, load_npz
+from .runs import dataclass_dict, stable_hash
 from .train import DivergenceError, TrainConfig, train
 
 # random streams

@@ -1379,7 +1379,7 @@ def calibrate_thresholds(path=None, quick: bool = False, runs: int = 1,
     """Measure the ``auto`` thresholds (:func:`measure_thresholds`, ``runs`` times, keeping the
     smallest threshold of each entry; a few minutes per run) and write them as JSON to ``path``
     (default :func:`user_thresholds_path`, which ``auto`` then uses). Returns the path."""
-    from .runs import atomic_write_json
+    from .data.fsutil import atomic_write_json
     path = Path(path) if path is not None else user_thresholds_path()
     machine = _machine()
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .datasets import iterate_minibatches
+from .data.datasets import iterate_minibatches
 from .optim import make_optimizer
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nprune.idx import write_idx
+from nprune.data.idx import write_idx
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -71,7 +71,7 @@ def rng() -> np.random.Generator:
 def synthetic_splits(n_train: int = 600, n_val: int = 200, n_test: int = 200, seed: int = 0):
     """A small learnable 10-class problem shaped like MNIST (N, 1, 28, 28) float32: each class is a
     fixed random template plus noise. Used where real data is not the point."""
-    from nprune.datasets import Splits
+    from nprune.data.datasets import Splits
     g = np.random.default_rng(seed)
     templates = g.random((10, 1, 28, 28)).astype(np.float32)
 

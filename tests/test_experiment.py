@@ -85,7 +85,7 @@ def test_presets_resolve_to_the_papers_recipes():
 
 def test_run_end_to_end_in_process(tmp_path, synth, monkeypatch, capsys):
     monkeypatch.setattr(experiment, "_load_data", lambda recipe, d, dl: synth)
-    monkeypatch.setattr("nprune.datasets.load_dataset", lambda *a, **k: None)
+    monkeypatch.setattr("nprune.data.datasets.load_dataset", lambda *a, **k: None)
     args = ["--net", "lenet300", "--iterations", "20", "--eval-every", "10", "--rounds", "2",
             "--batch-size", "32", "--out", str(tmp_path)]
     assert main(args) == 0
@@ -219,7 +219,7 @@ def test_kernel_auto_is_the_default():
 def test_auto_thresholds_saved_in_run_folder_and_reused_on_resume(tmp_path, synth, monkeypatch):
     import json
     monkeypatch.setattr(experiment, "_load_data", lambda recipe, d, dl: synth)
-    monkeypatch.setattr("nprune.datasets.load_dataset", lambda *a, **k: None)
+    monkeypatch.setattr("nprune.data.datasets.load_dataset", lambda *a, **k: None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     user = tmp_path / "xdg" / "nprune" / "kernel_thresholds.json"
     user.parent.mkdir(parents=True)
@@ -281,11 +281,11 @@ def test_train_several_seeds_prints_a_mean_and_writes_json(tmp_path, capsys, mon
     """``train --seeds`` runs each seed, ends with a per-seed table and its mean, and ``--json``
     keeps every run's curves and early-stop figures; one seed alone gives the same run as --seed."""
     import json
-    import nprune.datasets
+    import nprune.data.datasets
     from conftest import write_tiny_dataset
     data = write_tiny_dataset(tmp_path / "d", n_train=300, n_test=40)
-    real = nprune.datasets.load_dataset     # the tiny files are not the canonical MNIST payloads
-    monkeypatch.setattr(nprune.datasets, "load_dataset", lambda *a, **k: real(*a, **dict(k, verify=False)))
+    real = nprune.data.datasets.load_dataset     # the tiny files are not the canonical MNIST payloads
+    monkeypatch.setattr(nprune.data.datasets, "load_dataset", lambda *a, **k: real(*a, **dict(k, verify=False)))
     common = ["train", "--data-dir", str(data), "--no-download", "--val", "60", "--batch-size", "40",
               "--epochs", "2", "--evals-per-epoch", "2", "--kernel", "dense"]
     out = tmp_path / "runs.json"

@@ -11,7 +11,7 @@ import pytest
 from nprune.lottery import IMP, Recipe, check_strategy, collect, default_rates
 from nprune.prune import n_to_prune
 from nprune.report import write_report
-from nprune.runs import load_json, load_npz
+from nprune.data.fsutil import load_json, load_npz
 
 RECIPE = Recipe(net="lenet300", iterations=30, eval_every=10, batch_size=32, lr=2e-3,
                 rates=(("fc1", 0.5), ("fc2", 0.5), ("fc3", 0.25)))
