@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nprune import experiment
-from nprune.experiment import PRESETS, build_parser, main, resolve
+from nprune.experiment import cli as experiment
+from nprune.experiment.cli import PRESETS, build_parser, main, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nprune.lottery import IMP, Recipe, check_strategy, collect, default_rates
+from nprune.experiment.imp import IMP, Recipe, check_strategy, collect, default_rates
 from nprune.prune import n_to_prune
-from nprune.report import write_report
+from nprune.experiment.report import write_report
 from nprune.data.fsutil import load_json, load_npz
 
 RECIPE = Recipe(net="lenet300", iterations=30, eval_every=10, batch_size=32, lr=2e-3,

@@ -1,13 +1,4 @@
-"""``python -m nprune.experiment``: iterative magnitude pruning on MNIST, results as tables and plots.
-
-    python -m nprune.experiment                       # the default: both nets, rewind vs reinit, minutes
-    python -m nprune.experiment --preset lth          # Frankle & Carbin's LeNet-300-100 figure
-    python -m nprune.experiment --preset lth --seeds 3 --rounds 10 --jobs 2
-    python -m nprune.experiment report runs/lenet300-1a2b3c4d5e
-    python -m nprune.experiment presets               # list presets and what they set
-
-Every finished round is saved at once (atomically); rerunning the same command resumes.
-"""
+"""The command line of ``python -m nprune.experiment``: flags, presets, subcommands, messages."""
 from __future__ import annotations
 
 import argparse
@@ -17,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import nets
-from .init import INITIALIZERS
-from .lottery import IMP, Recipe, check_strategy, default_rates
-from .data.fsutil import atomic_write_json, load_json
+from .. import nets
+from ..init import INITIALIZERS
+from .imp import IMP, Recipe, check_strategy, default_rates
+from ..data.fsutil import atomic_write_json, load_json
 
 # ---------------------------------------------------------------------------------------------------
 # presets: per-net recipe fields, plus the plan (nets, strategies, rounds, seeds)
@@ -313,7 +304,7 @@ def _remaining_iterations(imp: IMP, job: dict) -> int:
 
 
 def _load_data(recipe: Recipe, data_dir, download: bool):
-    from .data.datasets import load_dataset, prepare
+    from ..data.datasets import load_dataset, prepare
     raw = load_dataset(recipe.dataset, data_dir=data_dir, download=download)
     return prepare(raw, n_val=recipe.n_val, seed=0)
 
@@ -481,8 +472,8 @@ def cmd_report(argv) -> int:
 def cmd_train(argv) -> int:
     """Train one dense network and print validation/test accuracy after every epoch."""
     import numpy as np
-    from .data.datasets import load_dataset, prepare
-    from .train import TrainConfig, train
+    from ..data.datasets import load_dataset, prepare
+    from ..train import TrainConfig, train
     p = _Parser(prog="python -m nprune.experiment train",
                 description="Train one dense network (no pruning) and print its accuracy per epoch. "
                             "Defaults: LeNet-300-100 with Adam 1.2e-3, batch 60; LeNet-5 with SGD "
@@ -561,7 +552,7 @@ def cmd_train(argv) -> int:
 
 
 def _write_train_json(path, a, cfg, per_epoch, runs) -> None:
-    from .data.datasets import DataError
+    from ..data.datasets import DataError
     try:
         atomic_write_json(path, {"net": a.net, "dataset": a.dataset, "init": a.init, "epochs": a.epochs,
                                  "n_val": a.val, "kernel": a.kernel, "steps_per_epoch": per_epoch,
@@ -599,7 +590,7 @@ def cmd_run(argv) -> int:
     args = build_parser().parse_args(argv)
     jobs = resolve(args)
     out = Path(args.out)
-    from .data.datasets import load_dataset
+    from ..data.datasets import load_dataset
     from .report import write_report
     # --kernel auto: a bad thresholds table (the run folder's or the user's) is reported now
     for job in jobs:
@@ -625,9 +616,9 @@ def cmd_run(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from .data.datasets import DataError
-    from .sparse import ThresholdsError
-    from .train import DivergenceError
+    from ..data.datasets import DataError
+    from ..sparse import ThresholdsError
+    from ..train import DivergenceError
     try:
         if argv and argv[0] == "report":
             return cmd_report(argv[1:])
@@ -650,6 +641,3 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

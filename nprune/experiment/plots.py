@@ -18,7 +18,7 @@ if not os.environ.get("MPLBACKEND"):
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .data.fsutil import atomic_open  # noqa: E402
+from ..data.fsutil import atomic_open  # noqa: E402
 
 COLORS = {"rewind": "tab:blue", "reinit": "tab:orange", "finetune": "tab:green", "dense": "black"}
 

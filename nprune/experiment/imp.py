@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import nets
-from .prune import SCOPES, prune, sparsity_report
-from .data.fsutil import atomic_save_npz, atomic_write_json, load_json, load_npz
+from .. import nets
+from ..prune import SCOPES, prune, sparsity_report
+from ..data.fsutil import atomic_save_npz, atomic_write_json, load_json, load_npz
 from .runs import dataclass_dict, stable_hash
-from .train import DivergenceError, TrainConfig, train
+from ..train import DivergenceError, TrainConfig, train
 
 # random streams
 INIT, DATA, REINIT, PRUNE = 0, 1, 2, 3
@@ -169,7 +169,7 @@ class IMP:
         if self.kernel != "auto":
             return None
         if self._thresholds is None:
-            from .sparse import THRESHOLDS_FILE, active_thresholds, load_thresholds
+            from ..sparse import THRESHOLDS_FILE, active_thresholds, load_thresholds
             path = self.dir / THRESHOLDS_FILE
             if path.exists():
                 self._thresholds = load_thresholds(path)

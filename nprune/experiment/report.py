@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .lottery import collect
+from .imp import collect
 from .plots import all_plots, by_strategy
-from .data.fsutil import atomic_write_text, load_json
+from ..data.fsutil import atomic_write_text, load_json
 
 RESULT_COLUMNS = ["seed", "strategy", "round", "percent_left", "weights_left", "early_stop_iter",
                   "early_stop_val_loss", "early_stop_val_acc", "early_stop_test_acc",
