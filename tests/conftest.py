@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +98,28 @@ def _hermetic_cache(tmp_path, monkeypatch):
     """Every test gets an empty per-user cache: a kernel calibration (or anything else) in the
     real ~/.cache/nprune must not change what a test sees."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, env=None, timeout=300):
+    """``python -m nprune.experiment ARGS`` in a child process from the repository root."""
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "nprune.experiment", *args], capture_output=True,
+                          text=True, env=e, timeout=timeout, cwd=ROOT)
+
+
+def real_mnist() -> Path:
+    """The real MNIST folder, or skip the calling test."""
+    d = mnist_dir()
+    if d is None:
+        pytest.skip("real MNIST not available")
+    return d
+
+
+def run_files(run: Path) -> dict:
+    """{relative path: bytes} of a run folder's arrays, JSON and CSV files, timings excepted."""
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and p.name != "timing.json"
+            and p.suffix in (".npz", ".json", ".csv")}
