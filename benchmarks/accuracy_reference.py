@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from train_speed import DATA_DIR, RECIPES, torch_model  # noqa: E402
+from train_speed import RECIPES, torch_model  # noqa: E402
 
 EPOCHS = {"lenet300": 10, "lenet5": 5}   # the budgets
 
@@ -122,8 +122,7 @@ def main():
             have_torch = True
         except ImportError:
             print("(PyTorch not installed: nprune only)")
-    data = prepare(load_dataset("mnist", data_dir=os.environ.get("NPRUNE_DATA_DIR", DATA_DIR)),
-                   n_val=5000, seed=0)
+    data = prepare(load_dataset("mnist"), n_val=5000, seed=0)
     report = {"torch_init": args.torch_init, "nets": {}}
     tables = []
     for net in args.nets.split(","):

@@ -29,7 +29,7 @@ ap.add_argument("--nets", default="lenet300,lenet5")
 ap.add_argument("--steps", type=int, default=200)
 ap.add_argument("--warmup", type=int, default=20)
 ap.add_argument("--threads", type=int, default=None, help="BLAS threads (default: library default)")
-ap.add_argument("--data-dir", default="/work/shared/data/mnist")
+ap.add_argument("--data-dir", help="folder with the MNIST files (else found as the package finds it: $NPRUNE_DATA_DIR, the user cache, system folders)")
 ap.add_argument("--rounds", type=int, default=0,
                 help="profile a pruned net: random masks at R rounds of F&C's rates (default 0: dense)")
 ap.add_argument("--kernel", choices=["auto", "dense", "sparse"], default="auto",

@@ -21,7 +21,7 @@ each model's :meth:`~nprune.model.Sequential.feature_major` copy (``model.predic
 the training loop evaluates from when the first layer may run sparse; the feature-major speed-up is
 against the faster of dense's two layouts.
 
-Usage: python benchmarks/sparse_train.py [--quick] [--blas-threads N] [--data-dir /work/shared/data/mnist]
+Usage: python benchmarks/sparse_train.py [--quick] [--blas-threads N] [--data-dir DIR]
 Writes benchmarks/results/sparse_train.json and sparse_train.png.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def train_steps(model, opt, data, idx_list):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--data-dir", default="/work/shared/data/mnist")
+    ap.add_argument("--data-dir", help="folder with the MNIST files (else found as the package finds it: $NPRUNE_DATA_DIR, the user cache, system folders)")
     ap.add_argument("--nets", default="lenet300,lenet5")
     ap.add_argument("--blas-threads", type=int, default=None,
                     help="OpenBLAS threads (set before NumPy loads, see _common.py)")
