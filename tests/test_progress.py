@@ -12,7 +12,7 @@ def test_hms():
 def test_lines_and_eta():
     out = io.StringIO()
     p = Progress("lenet300", total_iterations=20, every=0, stream=out)
-    p("start", seed=0, strategy="rewind", round=1, left=51.2, layers={"fc1.W": 50.0})
+    p("start", seed=0, strategy="rewind", round=1, density=51.2, layers={"fc1.W": 50.0})
     p("eval", seed=0, strategy="rewind", round=1, iteration=5, total=10, val_acc=0.5, test_acc=0.25)
     p.every, p.last = 3600, time.perf_counter()        # now an hour between lines, but the last one
     p("eval", seed=0, strategy="rewind", round=1, iteration=7, total=10, val_acc=0.5, test_acc=0.25)

@@ -195,7 +195,7 @@ class IMP(RunFolder):
         report = sparsity_report(masks)
         if self.progress:
             self.progress("start", seed=seed, strategy=strategy if r else "dense", round=r,
-                          left=report["total"]["percent"],
+                          density=report["total"]["percent"],
                           layers={k: v["percent"] for k, v in report.items() if k != "total"})
 
         def on_eval(it, total, res):

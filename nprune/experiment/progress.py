@@ -37,7 +37,7 @@ class Progress:
             self.current = 0
             layers = ", ".join(f"{n.split('.')[0]} {p:.1f}%" for n, p in k.get("layers", {}).items())
             self._print(f"[{self.net} seed {k['seed']} {k['strategy']} round {k['round']}] "
-                        f"{k['left']:.2f}% of weights left ({layers})")
+                        f"{k['density']:.2f}% of weights left ({layers})")
         elif event == "eval":
             self.current = k["iteration"]
             now = time.perf_counter()
