@@ -19,7 +19,6 @@ import hashlib
 import os
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 
