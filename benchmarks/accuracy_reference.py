@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/accuracy_reference.py [--nets lenet300,lenet5] [--seeds 5] [--torch-init nprune|torch]
 
-Issue 2's accuracy targets are for fixed recipes: LeNet-300-100 with Adam 1.2e-3, batch 60, Glorot
+The project's accuracy targets are for fixed recipes: LeNet-300-100 with Adam 1.2e-3, batch 60, Glorot
 normal, 10 epochs; LeNet-5 with SGD momentum 0.9, lr 0.01, batch 64, 5 epochs. This script asks whether
 a shortfall is nprune's or the recipe's: for every seed it trains
 
@@ -35,7 +35,7 @@ sys.path.insert(0, HERE)
 
 from train_speed import RECIPES, torch_model  # noqa: E402
 
-EPOCHS = {"lenet300": 10, "lenet5": 5}   # the issue's budgets
+EPOCHS = {"lenet300": 10, "lenet5": 5}   # the targets' budgets
 
 
 def run_nprune(net, data, seed, iterations, eval_every):
@@ -108,7 +108,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nets", default="lenet300,lenet5")
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
-    ap.add_argument("--epochs", type=int, default=None, help="default: the issue's 10 / 5")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the targets' 10 / 5")
     ap.add_argument("--evals-per-epoch", type=int, default=5)
     ap.add_argument("--torch-init", choices=["nprune", "torch"], default="nprune")
     ap.add_argument("--no-torch", action="store_true")

@@ -9,8 +9,8 @@ the test accuracy after the steps for both, and inference throughput at batch 10
 
 Variants (each trains its own copy from the same weights, masks and data order; blocks interleaved
 in a rotating order):
-* ``dense``: masked dense kernels + the dense optimiser (``compact=False``) -- the pre-issue-4 path;
-* ``dense+copt``: masked dense kernels + the compact optimiser (nprune.optim's default now);
+* ``dense``: masked dense kernels + the dense optimiser (``compact=False``): every weight updated, pruned ones masked;
+* ``dense+copt``: masked dense kernels + the compact optimiser (nprune.optim's default);
 * ``auto``: ``set_kernel("auto")`` + the compact optimiser: per layer, the sparse kernel iff the
   mask density is <= the threshold of the thresholds table in use (the user's calibration from
   ``python -m nprune.sparse --calibrate`` if any, else the shipped table) -- a lookup, no timing;
