@@ -4,8 +4,8 @@ Usage::
 
     python benchmarks/accuracy_reference.py [--nets lenet300,lenet5] [--seeds 5] [--torch-init nprune|torch]
 
-The accuracy targets of the project are for fixed recipes: LeNet-300-100 with Adam 1.2e-3, batch 60,
-Glorot normal, 10 epochs; LeNet-5 with SGD momentum 0.9, lr 0.01, batch 64, 5 epochs. This script asks whether
+The project's accuracy targets are for fixed recipes: LeNet-300-100 with Adam 1.2e-3, batch 60, Glorot
+normal, 10 epochs; LeNet-5 with SGD momentum 0.9, lr 0.01, batch 64, 5 epochs. This script asks whether
 a shortfall is nprune's or the recipe's: for every seed it trains
 
 * nprune with ``nprune.train.train`` exactly as ``python -m nprune.experiment train --net NET --seed S``
@@ -33,9 +33,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from train_speed import DATA_DIR, RECIPES, torch_model  # noqa: E402
+from train_speed import RECIPES, torch_model  # noqa: E402
 
-EPOCHS = {"lenet300": 10, "lenet5": 5}   # the recipes' budgets
+EPOCHS = {"lenet300": 10, "lenet5": 5}   # the targets' budgets
 
 
 def run_nprune(net, data, seed, iterations, eval_every):
@@ -108,13 +108,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nets", default="lenet300,lenet5")
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
-    ap.add_argument("--epochs", type=int, default=None, help="default: the recipes' 10 / 5")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the targets' 10 / 5")
     ap.add_argument("--evals-per-epoch", type=int, default=5)
     ap.add_argument("--torch-init", choices=["nprune", "torch"], default="nprune")
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
     import numpy as np
-    from nprune.datasets import load_dataset, prepare
+    from nprune.data.datasets import load_dataset, prepare
     have_torch = False
     if not args.no_torch:
         try:
@@ -122,8 +122,7 @@ def main():
             have_torch = True
         except ImportError:
             print("(PyTorch not installed: nprune only)")
-    data = prepare(load_dataset("mnist", data_dir=DATA_DIR),
-                   n_val=5000, seed=0)
+    data = prepare(load_dataset("mnist"), n_val=5000, seed=0)
     report = {"torch_init": args.torch_init, "nets": {}}
     tables = []
     for net in args.nets.split(","):

@@ -30,8 +30,7 @@ ap.add_argument("--nets", default="lenet300,lenet5")
 ap.add_argument("--steps", type=int, default=200)
 ap.add_argument("--warmup", type=int, default=20)
 ap.add_argument("--threads", type=int, default=None, help="BLAS threads (default: library default)")
-ap.add_argument("--data-dir", default=None,
-                help="MNIST folder (default: where nprune.datasets.find_data_dir finds it)")
+ap.add_argument("--data-dir", help="folder with the MNIST files (else found as the package finds it: $NPRUNE_DATA_DIR, the user cache, system folders)")
 ap.add_argument("--rounds", type=int, default=0,
                 help="profile a pruned net: random masks at R rounds of F&C's rates (default 0: dense)")
 ap.add_argument("--kernel", choices=["auto", "dense", "sparse"], default="auto",
@@ -55,7 +54,7 @@ RECIPES = {"lenet300": ("adam", 1.2e-3, 0.0, 60), "lenet5": ("sgd", 0.01, 0.9, 6
 
 def load(data_dir):
     try:
-        from nprune.datasets import load_dataset, prepare
+        from nprune.data.datasets import load_dataset, prepare
         d = prepare(load_dataset("mnist", data_dir=data_dir), n_val=5000, seed=0)
         return d.x_train, d.y_train
     except Exception as e:  # pragma: no cover - offline fallback

@@ -9,7 +9,7 @@ the test accuracy after the steps for both, and inference throughput at batch 10
 
 Variants (each trains its own copy from the same weights, masks and data order; blocks interleaved
 in a rotating order):
-* ``dense``: masked dense kernels + the dense optimiser (``compact=False``);
+* ``dense``: masked dense kernels + the dense optimiser (``compact=False``): every weight updated, pruned ones masked;
 * ``dense+copt``: masked dense kernels + the compact optimiser (nprune.optim's default);
 * ``auto``: ``apply_kernel(model, "auto")`` + the compact optimiser: per layer, the sparse kernel iff the
   mask density is <= the threshold of the thresholds table in use (the user's calibration from
@@ -22,7 +22,6 @@ the training loop evaluates from when the first layer may run sparse; the featur
 against the faster of dense's two layouts.
 
 Usage: python benchmarks/sparse_train.py [--quick] [--blas-threads N] [--data-dir DIR]
-(MNIST from --data-dir, else where nprune.datasets.find_data_dir finds it, e.g. $NPRUNE_DATA_DIR.)
 Writes benchmarks/results/sparse_train.json and sparse_train.png.
 """
 from __future__ import annotations
@@ -35,7 +34,7 @@ from _common import RESULTS, env_info, env_line, md_table, save_json
 import numpy as np  # after _common (it applies --blas-threads before NumPy loads)
 
 from nprune import nets
-from nprune.datasets import load_dataset, prepare
+from nprune.data.datasets import load_dataset, prepare
 from nprune.kernels import active_thresholds, apply_kernel, kernel_report
 from nprune.evaluate import chunked_logits, evaluate, feature_major, predict
 from nprune.optim import Adam
@@ -56,7 +55,7 @@ def train_steps(model, opt, data, idx_list):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--data-dir", help="folder with the MNIST files (else found as the package finds it: $NPRUNE_DATA_DIR, the user cache, system folders)")
     ap.add_argument("--nets", default="lenet300,lenet5")
     ap.add_argument("--blas-threads", type=int, default=None,
                     help="OpenBLAS threads (set before NumPy loads, see _common.py)")

@@ -45,7 +45,6 @@ RECIPES = {  # net: (optimizer, lr, momentum, batch)
     "lenet300": ("adam", 1.2e-3, 0.0, 60),
     "lenet5": ("sgd", 0.01, 0.9, 64),
 }
-DATA_DIR = None   # MNIST where nprune.datasets.find_data_dir finds it (e.g. $NPRUNE_DATA_DIR)
 
 
 def _set_threads(n):
@@ -54,8 +53,9 @@ def _set_threads(n):
             os.environ[v] = str(n)
 
 
-def load_data(data_dir=DATA_DIR):
-    from nprune.datasets import load_dataset, prepare
+def load_data(data_dir=None):
+    """MNIST as the package finds it (``data_dir``, ``$NPRUNE_DATA_DIR``, the user cache, ...)."""
+    from nprune.data.datasets import load_dataset, prepare
     return prepare(load_dataset("mnist", data_dir=data_dir), n_val=5000, seed=0)
 
 

@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from .datasets import iterate_minibatches
 from .evaluate import evaluate, evaluation_copy
 from .losses import softmax_cross_entropy
+from .data.datasets import iterate_minibatches
 from .optim import make_optimizer
 
 #: Entries of dL/dlogits smaller than this in magnitude are set to exactly 0 before backward. Once a
@@ -82,7 +82,7 @@ class TrainResult:
 
 def batches(n: int, batch_size: int, iterations: int, rng: np.random.Generator):
     """Yield ``iterations`` index arrays of length ``batch_size``: the epochs of
-    :func:`nprune.datasets.iterate_minibatches` (a permutation of ``range(n)`` from ``rng`` per
+    :func:`nprune.data.datasets.iterate_minibatches` (a permutation of ``range(n)`` from ``rng`` per
     epoch, its last partial batch dropped), one after another until the budget is spent."""
     if batch_size > n:
         raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nprune.idx import write_idx
+from nprune.data.idx import write_idx
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -71,7 +73,7 @@ def rng() -> np.random.Generator:
 def synthetic_splits(n_train: int = 600, n_val: int = 200, n_test: int = 200, seed: int = 0):
     """A small learnable 10-class problem shaped like MNIST (N, 1, 28, 28) float32: each class is a
     fixed random template plus noise. Used where real data is not the point."""
-    from nprune.datasets import Splits
+    from nprune.data.datasets import Splits
     g = np.random.default_rng(seed)
     templates = g.random((10, 1, 28, 28)).astype(np.float32)
 
@@ -96,3 +98,28 @@ def _hermetic_cache(tmp_path, monkeypatch):
     """Every test gets an empty per-user cache: a kernel calibration (or anything else) in the
     real ~/.cache/nprune must not change what a test sees."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, env=None, timeout=300):
+    """``python -m nprune.experiment ARGS`` in a child process from the repository root."""
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "nprune.experiment", *args], capture_output=True,
+                          text=True, env=e, timeout=timeout, cwd=ROOT)
+
+
+def real_mnist() -> Path:
+    """The real MNIST folder, or skip the calling test."""
+    d = mnist_dir()
+    if d is None:
+        pytest.skip("real MNIST not available")
+    return d
+
+
+def run_files(run: Path) -> dict:
+    """{relative path: bytes} of a run folder's arrays, JSON and CSV files, timings excepted."""
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and p.name != "timing.json"
+            and p.suffix in (".npz", ".json", ".csv")}

@@ -1,4 +1,4 @@
-"""Tests for nprune.datasets: search order, download + verification, checks, splitting."""
+"""Tests for nprune.data.datasets: search order, download + verification, checks, splitting."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,14 +10,16 @@ import urllib.request
 import numpy as np
 import pytest
 
-from nprune import datasets as ds
-from nprune.datasets import DataError, load_dataset, find_data_dir, split_validation, prepare, iterate_minibatches
-from nprune.idx import read_idx, sha256_of_payload, write_idx
+from nprune.data import datasets as ds
+from nprune.data.datasets import DataError, load_dataset, find_data_dir, split_validation, prepare, iterate_minibatches
+from nprune.data.idx import read_idx, sha256_of_payload, write_idx
 
 NAMES = list(ds.FILE_NAMES.values())
 
 REAL_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 REAL_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+# Debian's dataset-fashion-mnist folder, read before the fixture below hides the system folders
+FASHION_SYSTEM_DIR = Path(ds.DATASETS["fashion-mnist"].system_dirs[0])
 
 
 @pytest.fixture(autouse=True)
@@ -363,9 +365,10 @@ def test_real_mnist(mnist_dir):
 
 def test_real_fashion_mnist_from_debian_package():
     """Debian's dataset-fashion-mnist files are found and verified (skipped when not installed)."""
-    if not all((Path("/usr/share/datasets/fashion-mnist") / (f + ".gz")).exists() for f in ds.FILE_NAMES.values()):
+    system = FASHION_SYSTEM_DIR
+    if not all((system / (f + ".gz")).exists() for f in ds.FILE_NAMES.values()):
         pytest.skip("dataset-fashion-mnist is not installed")
     ds.clear_cache()
-    d = load_dataset("fashion-mnist", data_dir="/usr/share/datasets/fashion-mnist")
+    d = load_dataset("fashion-mnist", data_dir=system)
     assert d["x_train"].shape == (60000, 28, 28) and d["y_test"].shape == (10000,)
     assert np.bincount(d["y_train"]).tolist() == [6000] * 10

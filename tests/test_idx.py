@@ -1,4 +1,4 @@
-"""Tests for nprune.idx: round trips and every malformed-input case."""
+"""Tests for nprune.data.idx: round trips and every malformed-input case."""
 from __future__ import annotations
 
 import gzip
@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from nprune.idx import IDXError, read_idx, read_payload, sha256_of_payload, write_idx
+from nprune.data.idx import IDXError, read_idx, read_payload, sha256_of_payload, write_idx
 
 DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]
 SHAPES = [(7,), (3, 5), (2, 3, 4), (2, 1, 3, 2)]

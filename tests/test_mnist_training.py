@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from nprune import nets
-from nprune.datasets import load_dataset, prepare
+from nprune.data.datasets import load_dataset, prepare
 from nprune.train import TrainConfig, train
 
 

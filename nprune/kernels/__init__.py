@@ -18,12 +18,13 @@ compact path of :mod:`nprune.optim`.
 from .base import SparseKernel
 from .conv import ConvKernelSparse, SparseMatrix
 from .dense import DenseKernelSparse
-from .dispatch import AutoKernel, apply_kernel, auto_kernel, kernel_report, make_kernel
+from .dispatch import CHOICES, AutoKernel, apply_kernel, auto_kernel, kernel_report, make_kernel
 from .thresholds import (SHIPPED_THRESHOLDS, THRESHOLDS_FILE, Thresholds, ThresholdsError,
                          active_thresholds, check_thresholds, load_thresholds,
                          user_thresholds_path)
 
 __all__ = [
+    "CHOICES",
     "apply_kernel",
     "kernel_report",
     "make_kernel",

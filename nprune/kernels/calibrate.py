@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import nets
 from ..layers import Conv2D, Dense
-from ..runs import atomic_write_json
+from ..data.fsutil import atomic_write_json
 from .conv import SparseMatrix
 from .cost import COST
 from .dispatch import make_kernel

@@ -31,9 +31,9 @@ by :func:`~nprune.kernels.calibrate.measure_thresholds` with ``modes=FMAJOR_MODE
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..data.fsutil import cache_dir
 from ..layers import Conv2D, Dense
 
 THRESHOLDS_FORMAT = "nprune-kernel-thresholds/1"
@@ -76,16 +76,10 @@ def mode_key(train: bool, need_dx: bool) -> str:
     return "eval" if not train else ("train_dx" if need_dx else "train")
 
 
-def _cache_root() -> Path:
-    # same rule as nprune.data.fsutil.cache_dir
-    base = os.environ.get("XDG_CACHE_HOME") or ""
-    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "nprune"
-
-
 def user_thresholds_path() -> Path:
     """Where the calibration writes and ``auto`` looks first:
     ``$XDG_CACHE_HOME/nprune/kernel_thresholds.json`` (default ``~/.cache/nprune/...``)."""
-    return _cache_root() / THRESHOLDS_FILE
+    return cache_dir() / THRESHOLDS_FILE
 
 
 def _error(where, msg: str) -> ThresholdsError:

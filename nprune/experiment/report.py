@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .lottery import collect
-from .plots import all_plots, by_strategy
-from .runs import atomic_write_text, load_json
+from ..data.fsutil import atomic_write_text
+from .runs import RunFolder, by_strategy, collect
+
 
 RESULT_COLUMNS = ["seed", "strategy", "round", "percent_left", "weights_left", "early_stop_iter",
                   "early_stop_val_loss", "early_stop_val_acc", "early_stop_test_acc",
@@ -124,7 +124,7 @@ def write_report(run_dir) -> dict:
     rows = collect(run_dir)
     if not rows:
         raise FileNotFoundError(f"{run_dir}: no finished round to report (no seed_*/…/metrics.json)")
-    settings = load_json(run_dir / "settings.json") if (run_dir / "settings.json").exists() else None
+    settings = RunFolder(run_dir).settings()
     title = run_dir.name
     if settings:
         rec = settings.get("recipe", {})
@@ -134,5 +134,23 @@ def write_report(run_dir) -> dict:
                        ("summary.md", summary_markdown(rows, settings, title))):
         atomic_write_text(run_dir / name, text)
         files.append(run_dir / name)
+    from .plots import all_plots   # matplotlib only when figures are drawn
     files += all_plots(rows, run_dir, title)
     return {"rows": len(rows), "files": files}
+
+
+def train_summary_markdown(runs, per_epoch) -> str:
+    """Per-seed early-stop and final figures of ``train --seeds`` with their mean (a markdown table).
+    The early stop is the evaluation of minimum validation loss; nothing here is chosen on test."""
+    lines = ["| seed | early stop: epoch | val loss | val acc % | test acc % | final test acc % |",
+             "|---|---:|---:|---:|---:|---:|"]
+    cols = []
+    for r in runs:
+        x = r["result"]
+        row = (x["early_stop_iter"] / per_epoch, x["early_stop_val_loss"], 100 * x["early_stop_val_acc"],
+               100 * x["early_stop_test_acc"], 100 * x["final_test_acc"])
+        cols.append(row)
+        lines.append(f"| {r['seed']} | {row[0]:.2f} | {row[1]:.4f} | {row[2]:.2f} | {row[3]:.2f} | {row[4]:.2f} |")
+    m = [sum(c[i] for c in cols) / len(cols) for i in range(5)]
+    lines.append(f"| **mean of {len(cols)}** | {m[0]:.2f} | {m[1]:.4f} | {m[2]:.2f} | **{m[3]:.2f}** | {m[4]:.2f} |")
+    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The CLI: help, presets, one-line errors with non-zero exit and no traceback, a run end to end
-(synthetic data in-process; real MNIST in a subprocess), resume after kill -9, report rebuild."""
-import os
+(synthetic data in-process; real MNIST in a subprocess), resume after kill -9, report rebuild, the
+train subcommand, flags made from the recipe's settings."""
 import signal
 import subprocess
 import sys
@@ -8,17 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, real_mnist, run_cli, run_files
 
-from nprune import experiment
-from nprune.experiment import PRESETS, build_parser, main, resolve
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args, env=None, timeout=300):
-    e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "nprune.experiment", *args], capture_output=True,
-                          text=True, env=e, timeout=timeout, cwd=ROOT)
+from nprune.experiment import schedule
+from nprune.experiment.cli import RUN_FIELDS, build_parser, flag, main, resolve
+from nprune.experiment.config import FIELDS, PRESETS
+from nprune.experiment.strategies import STRATEGIES
+from nprune.nets import NETS
+from nprune.optim import OPTIMIZERS
+from nprune.prune import SCOPES
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -44,19 +42,19 @@ def test_flag_errors_are_one_line(args, needle, capsys):
 
 
 def test_errors_from_a_real_process_have_no_traceback(tmp_path):
-    r = _cli("--net", "lenet300", "--rounds", "-3")
+    r = run_cli("--net", "lenet300", "--rounds", "-3")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    r = _cli("--data-dir", str(tmp_path / "nowhere"), "--no-download", "--out", str(tmp_path / "o"))
+    r = run_cli("--data-dir", str(tmp_path / "nowhere"), "--no-download", "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert "nowhere" in r.stderr and "train-images-idx3-ubyte" in r.stderr
-    r = _cli("report", str(tmp_path / "missing"))
+    r = run_cli("report", str(tmp_path / "missing"))
     assert r.returncode == 1 and "no such run folder" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_help_and_presets():
-    r = _cli("--help")
+    r = run_cli("--help")
     assert r.returncode == 0 and "--strategies" in r.stdout and "report" in r.stdout
-    r = _cli("presets")
+    r = run_cli("presets")
     assert r.returncode == 0 and all(name in r.stdout for name in PRESETS)
 
 
@@ -65,9 +63,10 @@ def test_presets_resolve_to_the_papers_recipes():
     assert len(lth) == 1
     job = lth[0]
     rec = job["recipe"]
-    assert (rec.net, rec.optimizer, rec.lr, rec.batch_size, rec.iterations, rec.n_val, rec.eval_every) \
+    assert (rec.net, rec.train.optimizer, rec.train.lr, rec.train.batch_size, rec.train.iterations, rec.n_val,
+         rec.train.eval_every) \
         == ("lenet300", "adam", 1.2e-3, 60, 50000, 5000, 100)
-    assert rec.rates == (("fc1", 0.2), ("fc2", 0.2), ("fc3", 0.1))
+    assert rec.prune.rates == (("fc1", 0.2), ("fc2", 0.2), ("fc3", 0.1))
     assert job["seeds"] == [0, 1, 2, 3, 4] and job["strategies"] == ["rewind", "reinit"]
     left = (235200 * 0.8 ** job["rounds"] + 30000 * 0.8 ** job["rounds"] + 1000 * 0.9 ** job["rounds"]) / 266200
     assert 0.015 < left < 0.025                       # down to ~1.9% of the weights
@@ -75,17 +74,17 @@ def test_presets_resolve_to_the_papers_recipes():
     assert [j["recipe"].net for j in default] == ["lenet300", "lenet5"]
     assert {"rewind", "reinit"} <= set(default[0]["strategies"])
     seed = resolve(build_parser().parse_args(["--preset", "seed"]))
-    assert all(r == 0.09 for _, r in seed[0]["recipe"].rates) and 0.085 < 0.91 ** seed[0]["rounds"] < 0.11
+    assert all(r == 0.09 for _, r in seed[0]["recipe"].prune.rates) and 0.085 < 0.91 ** seed[0]["rounds"] < 0.11
     over = resolve(build_parser().parse_args(["--preset", "lth", "--net", "lenet5", "--rate", "0.3",
                                               "--seeds", "0-2", "--iterations", "7"]))[0]
-    assert over["recipe"].net == "lenet5" and over["recipe"].optimizer == "sgd"
-    assert over["recipe"].iterations == 7 and over["seeds"] == [0, 1, 2]
-    assert dict(over["recipe"].rates)["fc1"] == 0.3 and dict(over["recipe"].rates)["conv1"] == 0.15
+    assert over["recipe"].net == "lenet5" and over["recipe"].train.optimizer == "sgd"
+    assert over["recipe"].train.iterations == 7 and over["seeds"] == [0, 1, 2]
+    assert dict(over["recipe"].prune.rates)["fc1"] == 0.3 and dict(over["recipe"].prune.rates)["conv1"] == 0.15
 
 
 def test_run_end_to_end_in_process(tmp_path, synth, monkeypatch, capsys):
-    monkeypatch.setattr(experiment, "_load_data", lambda recipe, d, dl: synth)
-    monkeypatch.setattr("nprune.datasets.load_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(schedule, "_load_data", lambda recipe, d, dl: synth)
+    monkeypatch.setattr("nprune.data.datasets.load_dataset", lambda *a, **k: None)
     args = ["--net", "lenet300", "--iterations", "20", "--eval-every", "10", "--rounds", "2",
             "--batch-size", "32", "--out", str(tmp_path)]
     assert main(args) == 0
@@ -103,19 +102,11 @@ def test_run_end_to_end_in_process(tmp_path, synth, monkeypatch, capsys):
     assert "0 training iterations to go" in capsys.readouterr().err
 
 
-def _real_mnist():
-    from conftest import mnist_dir
-    d = mnist_dir()
-    if d is None:
-        pytest.skip("real MNIST not available")
-    return d
-
-
 def test_kill_9_then_resume_is_bit_identical(tmp_path):
-    data = _real_mnist()
+    data = real_mnist()
     args = ["--net", "lenet300", "--strategies", "rewind,reinit", "--rounds", "3", "--iterations",
             "150", "--eval-every", "50", "--val", "1000", "--data-dir", str(data)]
-    r = _cli(*args, "--out", str(tmp_path / "a"), "--quiet")
+    r = run_cli(*args, "--out", str(tmp_path / "a"), "--quiet")
     assert r.returncode == 0, r.stderr
     # the interrupted run: kill -9 once a few rounds are on disk
     p = subprocess.Popen([sys.executable, "-m", "nprune.experiment", *args, "--out", str(tmp_path / "b")],
@@ -128,7 +119,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     p.wait()
     b = next((tmp_path / "b").glob("lenet300-*"))
     assert not (b / "seed_0" / "reinit" / "round_3" / "metrics.json").exists()
-    r = _cli(*args, "--out", str(tmp_path / "b"), "--quiet")
+    r = run_cli(*args, "--out", str(tmp_path / "b"), "--quiet")
     assert r.returncode == 0, r.stderr
     a = next((tmp_path / "a").glob("lenet300-*"))
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -137,62 +128,6 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     for rel in files_a:
         if rel.suffix in (".npz", ".json", ".csv") and rel.name != "timing.json":
             assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
-
-
-def test_jobs_2_gives_the_bits_of_one_process_and_resumes(tmp_path):
-    """--jobs 2 runs one round per task on two worker processes; every saved number equals a
-    one-process run's (both at 1 BLAS thread), also when it resumes a folder with whole seeds and
-    single rounds missing. 3 seeds x 2 strategies: the scheduler's waiting/ready paths all run."""
-    import shutil
-    data = _real_mnist()
-    args = ["--net", "lenet300", "--strategies", "rewind,reinit", "--rounds", "2", "--seeds", "3",
-            "--iterations", "60", "--eval-every", "30", "--val", "1000", "--data-dir", str(data)]
-    one = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    r = _cli(*args, "--out", str(tmp_path / "a"), "--quiet", env=one)
-    assert r.returncode == 0, r.stderr
-    r = _cli(*args, "--out", str(tmp_path / "b"), "--jobs", "2")
-    assert r.returncode == 0, r.stderr
-    assert r.stderr.count("finished: lenet300 seed") == 3 * (1 + 2 * 2)
-    a = next((tmp_path / "a").glob("lenet300-*"))
-    b = next((tmp_path / "b").glob("lenet300-*"))
-    files_a = _run_files(a)
-    assert _run_files(b) == files_a
-    # resume: seed 2 entirely gone, seed 1's reinit round 2 and seed 0's rewind rounds 1-2 gone
-    c = tmp_path / "c" / a.name
-    shutil.copytree(a, c)
-    for rel in ("seed_2", "seed_1/reinit/round_2", "seed_0/rewind"):
-        shutil.rmtree(c / rel)
-    r = _cli(*args, "--out", str(tmp_path / "c"), "--jobs", "2")
-    assert r.returncode == 0, r.stderr
-    assert r.stderr.count("finished: lenet300 seed") == (1 + 2 * 2) + 1 + 2
-    assert _run_files(c) == files_a
-
-
-def test_ctrl_c_with_jobs_2_is_one_line_and_resumable(tmp_path):
-    """Ctrl-C (SIGINT to the process group) during a --jobs 2 run: the workers ignore it, the parent
-    stops them at once and prints one line, exit 130, no traceback; the same command finishes it."""
-    data = _real_mnist()
-    args = ["--net", "lenet300", "--strategies", "rewind,reinit", "--rounds", "2", "--seeds", "3",
-            "--iterations", "300", "--eval-every", "100", "--val", "1000", "--data-dir", str(data),
-            "--out", str(tmp_path), "--jobs", "2"]
-    p = subprocess.Popen([sys.executable, "-m", "nprune.experiment", *args], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    for line in p.stderr:
-        if "finished: lenet300 seed 1 dense" in line:
-            break
-    os.killpg(p.pid, signal.SIGINT)
-    rest = p.stderr.read()
-    assert p.wait(timeout=30) == 130
-    assert "Traceback" not in rest
-    assert rest.strip().splitlines()[-1].startswith("nprune: interrupted")
-    run = next(tmp_path.glob("lenet300-*"))
-    assert not (run / "seed_2" / "reinit" / "round_2" / "metrics.json").exists()
-    r = _cli(*args)
-    assert r.returncode == 0, r.stderr
-    for s in range(3):
-        for st in ("rewind", "reinit"):
-            assert (run / f"seed_{s}" / st / "round_2" / "metrics.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,12 +140,6 @@ def _table(value):
         for k in ("Dense 784x300", "Dense 300x100", "Dense 100x10")}}
 
 
-def _run_files(run: Path) -> dict:
-    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and not p.name.startswith(".") and p.name != "timing.json"
-            and p.suffix in (".npz", ".json", ".csv")}
-
-
 def test_kernel_auto_is_the_default():
     assert build_parser().parse_args([]).kernel == "auto"
     assert build_parser().parse_args(["--kernel", "dense"]).kernel == "dense"
@@ -218,8 +147,8 @@ def test_kernel_auto_is_the_default():
 
 def test_auto_thresholds_saved_in_run_folder_and_reused_on_resume(tmp_path, synth, monkeypatch):
     import json
-    monkeypatch.setattr(experiment, "_load_data", lambda recipe, d, dl: synth)
-    monkeypatch.setattr("nprune.datasets.load_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(schedule, "_load_data", lambda recipe, d, dl: synth)
+    monkeypatch.setattr("nprune.data.datasets.load_dataset", lambda *a, **k: None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     user = tmp_path / "xdg" / "nprune" / "kernel_thresholds.json"
     user.parent.mkdir(parents=True)
@@ -239,7 +168,7 @@ def test_auto_thresholds_saved_in_run_folder_and_reused_on_resume(tmp_path, synt
     assert main(base + ["--rounds", "2", "--out", str(tmp_path / "b")]) == 0
     b = next((tmp_path / "b").glob("lenet300-*"))
     assert b.name == a.name                      # the kernel is not part of the recipe hash
-    assert _run_files(a) == _run_files(b)
+    assert run_files(a) == run_files(b)
     # c: a fresh folder with the new table runs dense: other float32 bits in round 2 (so the saved
     # table is what made b equal to a)
     assert main(base + ["--rounds", "2", "--out", str(tmp_path / "c")]) == 0
@@ -263,7 +192,7 @@ def test_malformed_thresholds_file_is_one_line_exit_2(tmp_path, monkeypatch, cap
     assert err.count("\n") == 1 and err.startswith("nprune: error: kernel thresholds file")
     assert str(bad) in err and "not valid JSON" in err and "Traceback" not in err
     assert not out.exists()
-    r = _cli(*args, env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    r = run_cli(*args, env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert str(bad) in r.stderr
     # a run folder's saved table is checked too (and wins over the user's file)
@@ -281,11 +210,11 @@ def test_train_several_seeds_prints_a_mean_and_writes_json(tmp_path, capsys, mon
     """``train --seeds`` runs each seed, ends with a per-seed table and its mean, and ``--json``
     keeps every run's curves and early-stop figures; one seed alone gives the same run as --seed."""
     import json
-    import nprune.datasets
+    import nprune.data.datasets
     from conftest import write_tiny_dataset
     data = write_tiny_dataset(tmp_path / "d", n_train=300, n_test=40)
-    real = nprune.datasets.load_dataset     # the tiny files are not the canonical MNIST payloads
-    monkeypatch.setattr(nprune.datasets, "load_dataset", lambda *a, **k: real(*a, **dict(k, verify=False)))
+    real = nprune.data.datasets.load_dataset     # the tiny files are not the canonical MNIST payloads
+    monkeypatch.setattr(nprune.data.datasets, "load_dataset", lambda *a, **k: real(*a, **dict(k, verify=False)))
     common = ["train", "--data-dir", str(data), "--no-download", "--val", "60", "--batch-size", "40",
               "--epochs", "2", "--evals-per-epoch", "2", "--kernel", "dense"]
     out = tmp_path / "runs.json"
@@ -311,3 +240,49 @@ def test_train_json_path_is_checked_before_training(tmp_path, capsys, where, nee
     assert main(["train", "--json", str(tmp_path / where)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--json" in err and needle in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# flags made from the recipe's settings; the folder names of existing runs
+
+def test_every_recipe_setting_has_one_flag_with_its_help_and_choices():
+    p = build_parser()
+    actions = {a.dest: a for a in p._actions}
+    for name in RUN_FIELDS:
+        a = actions[name]
+        assert a.option_strings == [flag(name)] and a.help == FIELDS[name].meta.get("help")
+        assert a.choices == FIELDS[name].meta.get("choices")
+    assert flag("n_val") == "--val" and flag("rates") == "--layer-rates" and flag("rounds") == "--rounds"
+    assert set(actions["scope"].choices) == set(SCOPES) and set(actions["optimizer"].choices) == set(OPTIMIZERS)
+    assert set(actions["net"].choices) == set(NETS) | {"both"}
+    assert all(name in actions["strategies"].help for name in STRATEGIES)
+    args = p.parse_args([])
+    assert args.lr is None and args.iterations is None          # the preset's
+    assert args.init == "glorot_normal" and args.n_val == 5000 and args.dataset == "mnist"
+
+
+@pytest.mark.parametrize("argv, names", [
+    ([], ["lenet300-6bb87241f2", "lenet5-328f248623"]),
+    (["--net", "lenet300", "--iterations", "300", "--eval-every", "100", "--rounds", "4", "--seeds", "2",
+      "--scope", "global", "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05"], ["lenet300-63ab814477"]),
+    (["--preset", "seed"], ["lenet300-28176629ae", "lenet5-713ab209c1"]),
+    (["--preset", "lth", "--net", "lenet5", "--rate", "0.3", "--layer-rates", "fc1=0.25", "--val", "1000",
+      "--init", "he_normal", "--weight-decay", "1e-4", "--finetune-lr-factor", "0.2",
+      "--dataset", "fashion-mnist"], ["lenet5-7b2b1ef95f"]),
+])
+def test_commands_find_their_existing_run_folders(argv, names):
+    assert [j["recipe"].folder_name() for j in resolve(build_parser().parse_args(argv))] == names
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--val", "60000"], "--val must be in [0, 60000), got 60000"),
+    (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0, got -1"),
+    (["--net", "lenet300", "--layer-rates", "conv1=0.2"],
+     "--layer-rates: lenet300 has no prunable layer conv1 (it has fc1, fc2, fc3)"),
+    (["train", "--batch-size", "0"], "--batch-size must be > 0, got 0"),
+    (["train", "--net", "lenet5", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+])
+def test_setting_errors_name_the_flag(args, message, capsys):
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"nprune: error: {message}\n"

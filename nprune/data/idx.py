@@ -18,13 +18,11 @@ import gzip
 import hashlib
 import os
 import struct
-import tempfile
 import zlib
-from pathlib import Path
 
 import numpy as np
 
-from .runs import atomic_write_bytes
+from .fsutil import atomic_write_bytes
 
 __all__ = [
     "IDXError",

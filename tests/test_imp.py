@@ -1,20 +1,22 @@
 """IMP and the reset strategies: rewind restores bit-identical initial values, reinit draws fresh
 values from the same distribution, rewind-to-K and finetune, nesting, exact counts, pruned weights
 stay zero, resume gives identical files, divergence is recorded without corrupting results."""
-import dataclasses
 import filecmp
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nprune.lottery import IMP, Recipe, check_strategy, collect, default_rates
+from nprune.data.fsutil import load_json, load_npz
+from nprune.experiment.config import Recipe
+from nprune.experiment.imp import IMP
+from nprune.experiment.strategies import (STRATEGIES, Strategy, check_strategy, find_strategy,
+                                          strategy_color, strategy_order)
+from nprune.experiment.report import write_report
 from nprune.prune import n_to_prune
-from nprune.report import write_report
-from nprune.runs import load_json, load_npz
 
-RECIPE = Recipe(net="lenet300", iterations=30, eval_every=10, batch_size=32, lr=2e-3,
-                rates=(("fc1", 0.5), ("fc2", 0.5), ("fc3", 0.25)))
+RECIPE = Recipe.from_dict(dict(net="lenet300", iterations=30, eval_every=10, batch_size=32, lr=2e-3,
+                              rates=(("fc1", 0.5), ("fc2", 0.5), ("fc3", 0.25))))
 
 
 def _run(tmp_path, synth, strategies=("rewind", "reinit"), rounds=2, recipe=RECIPE, sub="run"):
@@ -22,11 +24,6 @@ def _run(tmp_path, synth, strategies=("rewind", "reinit"), rounds=2, recipe=RECI
     for s in strategies:
         imp.run_strategy(0, s, rounds)
     return imp
-
-
-def test_default_rates_follow_frankle_carbin():
-    assert default_rates("lenet300", 0.2) == (("fc1", 0.2), ("fc2", 0.2), ("fc3", 0.1))
-    assert default_rates("lenet5", 0.2) == (("conv1", 0.1), ("conv2", 0.1), ("fc1", 0.2), ("fc2", 0.1))
 
 
 def test_strategy_names():
@@ -48,7 +45,7 @@ def test_rewind_reinit_masks_counts_and_zeros(tmp_path, synth):
             for name, m in masks.items():
                 before = prev[s][name]
                 assert not np.any(m & ~before)                               # nesting
-                rate = dict(RECIPE.rates)[name.split(".")[0]]
+                rate = dict(RECIPE.prune.rates)[name.split(".")[0]]
                 assert before.sum() - m.sum() == n_to_prune(rate, before.sum())  # exact count
                 assert np.all(start[name][~m] == 0) and np.all(final[name][~m] == 0)
                 if s == "rewind":   # survivors start bit-identical to the original initialisation
@@ -87,7 +84,7 @@ def test_rewind_to_k_and_finetune(tmp_path, synth):
     dense_final = load_npz(imp.round_dir(0, "dense", 0) / "final.npz")
     for name, m in masks.items():
         assert np.array_equal(start[name][m], dense_final[name][m])
-    assert load_json(d / "metrics.json")["lr"] == pytest.approx(RECIPE.lr * RECIPE.finetune_lr_factor)
+    assert load_json(d / "metrics.json")["lr"] == pytest.approx(RECIPE.train.lr * RECIPE.finetune_lr_factor)
 
 
 def _tree(root: Path) -> dict:
@@ -130,7 +127,7 @@ def test_rerun_skips_finished_rounds(tmp_path, synth):
 
 
 def test_divergence_recorded_and_later_rounds_skipped(tmp_path, synth):
-    recipe = dataclasses.replace(RECIPE, optimizer="sgd", lr=1e6, momentum=0.9)
+    recipe = RECIPE.replace(optimizer="sgd", lr=1e6, momentum=0.9)
     imp = IMP(recipe, tmp_path / "div", synth)
     rows = imp.run_strategy(0, "rewind", 3)
     assert rows[0]["diverged"] and len(rows) == 1
@@ -139,24 +136,9 @@ def test_divergence_recorded_and_later_rounds_skipped(tmp_path, synth):
     assert "diverged" in (tmp_path / "div" / "summary.md").read_text()
 
 
-def test_report_rebuild(tmp_path, synth):
-    imp = _run(tmp_path, synth, rounds=2)
-    info = write_report(imp.dir)
-    names = {Path(f).name for f in info["files"]}
-    assert {"results.csv", "curves.csv", "summary.md", "accuracy_vs_weights.png",
-            "early_stop_vs_weights.png", "curves.png"} <= names
-    first = (imp.dir / "results.csv").read_text()
-    (imp.dir / "results.csv").unlink()
-    write_report(imp.dir)
-    assert (imp.dir / "results.csv").read_text() == first
-    lines = first.strip().splitlines()
-    assert len(lines) == 1 + 1 + 2 * 2          # header, dense, 2 strategies x 2 rounds
-    assert len(collect(imp.dir)) == 5
-
-
 def test_global_and_random_scopes(tmp_path, synth):
     for scope in ("global", "random"):
-        recipe = dataclasses.replace(RECIPE, scope=scope)
+        recipe = RECIPE.replace(scope=scope)
         imp = _run(tmp_path, synth, strategies=("rewind",), rounds=1, recipe=recipe, sub=scope)
         m = load_json(imp.round_dir(0, "rewind", 1) / "metrics.json")
         lw = load_json(_run(tmp_path, synth, ("rewind",), 1, RECIPE, "layer").round_dir(
@@ -166,11 +148,23 @@ def test_global_and_random_scopes(tmp_path, synth):
             assert m["weights"]["fc1.W"]["left"] == lw["weights"]["fc1.W"]["left"]
 
 
-def test_recipe_hash_is_stable_and_ignores_plan():
-    a = Recipe()
-    assert a.folder_name() == Recipe().folder_name()
-    assert a.folder_name() != dataclasses.replace(a, lr=1e-3).folder_name()
-    with pytest.raises(ValueError):
-        dataclasses.replace(a, rates=(("fc1", 1.5),)).validate()
-    with pytest.raises(ValueError):
-        dataclasses.replace(a, net="vgg").validate()
+def test_strategy_order_and_colors_come_from_the_registry():
+    names = ["rewind-to-500", "finetune", "reinit", "rewind-to-100", "rewind", "mystery"]
+    assert sorted(names, key=strategy_order) == ["rewind", "reinit", "finetune", "rewind-to-100",
+                                                 "rewind-to-500", "mystery"]
+    assert find_strategy("rewind-to-500") == (STRATEGIES["rewind-to-K"], (500,))
+    assert strategy_color("rewind", 5) == "tab:blue" and strategy_color("rewind-to-100", 1) == "C4"
+    assert strategy_color("mystery", 0) == "C3"
+
+
+def test_a_new_strategy_is_one_registry_entry(tmp_path, synth, monkeypatch):
+    zero = Strategy("zero", "all zeros (a strawman)",
+                    lambda imp, seed, r, prev: ({k: np.zeros_like(v) for k, v in prev.items()}, 0.5),
+                    order=4, color="tab:red")
+    monkeypatch.setitem(STRATEGIES, "zero", zero)
+    assert check_strategy("zero") == "zero" and strategy_color("zero", 0) == "tab:red"
+    imp = _run(tmp_path, synth, strategies=("zero",), rounds=1)
+    d = imp.round_dir(0, "zero", 1)
+    assert all(not v.any() for v in load_npz(d / "start.npz").values())
+    assert load_json(d / "metrics.json")["lr"] == pytest.approx(RECIPE.train.lr * 0.5)
+    assert sorted(["zero", "rewind-to-9", "rewind"], key=strategy_order) == ["rewind", "rewind-to-9", "zero"]

@@ -32,6 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import fsutil
 from .idx import IDXError, parse_idx, read_payload
 
 __all__ = [
@@ -101,7 +102,7 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(
         name="mnist",
-        # SHA-256 of the decompressed canonical files (same values as /work/shared/data/README.md).
+        # SHA-256 of the decompressed canonical files.
         sha256={
             "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
             "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
@@ -118,7 +119,7 @@ DATASETS: dict[str, DatasetSpec] = {
         name="fashion-mnist",
         # The project publishes MD5s of its .gz files only. These SHA-256 values of the decompressed
         # payloads were computed from Debian's dataset-fashion-mnist package (upstream git 55506a9,
-        # /usr/share/datasets/fashion-mnist/) with `zcat FILE.gz | sha256sum`.
+        # installed in the system folder below) with `zcat FILE.gz | sha256sum`.
         sha256={
             "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
             "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
@@ -139,10 +140,8 @@ def _spec(name: str) -> DatasetSpec:
 
 
 def cache_dir(name: str) -> Path:
-    """Per-user cache folder of dataset ``name``: ``$XDG_CACHE_HOME/nprune/<name>`` or ``~/.cache/nprune/<name>``."""
-    base = os.environ.get("XDG_CACHE_HOME") or ""
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
-    return root / "nprune" / name
+    """Per-user cache folder of dataset ``name``: ``<nprune cache>/<name>`` (see :func:`fsutil.cache_dir`)."""
+    return fsutil.cache_dir() / name
 
 
 # --------------------------------------------------------------------------------------------

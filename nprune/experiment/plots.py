@@ -18,37 +18,11 @@ if not os.environ.get("MPLBACKEND"):
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .runs import atomic_open  # noqa: E402
+from ..data.fsutil import atomic_open  # noqa: E402
+from .runs import by_strategy  # noqa: E402
+from .strategies import strategy_color  # noqa: E402
 
-COLORS = {"rewind": "tab:blue", "reinit": "tab:orange", "finetune": "tab:green", "dense": "black"}
-
-
-def _color(strategy: str, i: int) -> str:
-    return COLORS.get(strategy, f"C{(i + 3) % 10}")
-
-
-def strategy_order(name: str):
-    """Sort key: rewind, reinit, finetune, then rewind-to-K by K."""
-    fixed = {"rewind": 0, "reinit": 1, "finetune": 2}
-    if name in fixed:
-        return (fixed[name], 0)
-    return (3, int(name.rsplit("-", 1)[-1]) if name[-1:].isdigit() else 0)
-
-
-def by_strategy(rows: list) -> dict:
-    """{strategy: {round: [metrics of each seed]}}; the dense round 0 joins every strategy."""
-    dense = [m for m in rows if m["round"] == 0]
-    strategies = sorted({m["strategy"] for m in rows if m["round"] > 0}, key=strategy_order)
-    out = {}
-    for s in strategies:
-        d = {0: dense}
-        for m in rows:
-            if m["strategy"] == s and m["round"] > 0:
-                d.setdefault(m["round"], []).append(m)
-        out[s] = d
-    if not strategies and dense:
-        out["dense"] = {0: dense}
-    return out
+DENSE_COLOR = "black"   # the dense round alone, when no strategy has a round yet
 
 
 def _series(rounds: dict, key: str):
@@ -83,7 +57,7 @@ def plot_metric(rows: list, key: str, ylabel: str, title: str, path, scale: floa
         x, y, err = _series(rounds, key)
         if len(x):
             ax.errorbar(x, y * scale, yerr=err * scale, marker="o", ms=4, capsize=3,
-                        label=s, color=_color(s, i))
+                        label=s, color=DENSE_COLOR if s == "dense" else strategy_color(s, i))
             lowest = min(lowest, x.min())
     _weights_axis(ax, lowest)
     ax.set_ylabel(ylabel)
