@@ -8,7 +8,7 @@ The project's accuracy targets are for fixed recipes: LeNet-300-100 with Adam 1.
 normal, 10 epochs; LeNet-5 with SGD momentum 0.9, lr 0.01, batch 64, 5 epochs. This script asks whether
 a shortfall is nprune's or the recipe's: for every seed it trains
 
-* nprune with ``nprune.train.train`` exactly as ``python -m nprune.experiment train --net NET --seed S``
+* nprune with ``nprune.training.train`` exactly as ``python -m nprune.experiment train --net NET --seed S``
   does (model from ``default_rng([S, 0, 0])``, data order from ``default_rng([S, 1, 0])``,
   ``--evals-per-epoch`` evaluations per epoch, early stop = evaluation of minimum validation loss), and
 * PyTorch on the same 55,000 / 5,000 split, with the same batches in the same order and evaluated at
@@ -41,7 +41,7 @@ EPOCHS = {"lenet300": 10, "lenet5": 5}   # the targets' budgets
 def run_nprune(net, data, seed, iterations, eval_every):
     import numpy as np
     from nprune import nets
-    from nprune.train import TrainConfig, train
+    from nprune.training import TrainConfig, train
     opt, lr, mom, bs = RECIPES[net]
     model = nets.build(net, np.random.default_rng([seed, 0, 0]), init="glorot_normal")
     init = model.get_weights()
@@ -53,12 +53,12 @@ def run_nprune(net, data, seed, iterations, eval_every):
 
 
 def run_torch(net, data, seed, iterations, eval_every, init):
-    """The torch twin of ``nprune.train.train``: same batches (``nprune.train.batches`` with the same
+    """The torch twin of ``nprune.training.train``: same batches (``nprune.training.batches`` with the same
     generator), same evaluation points. ``init`` None = torch's default initialisation."""
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from nprune.train import batches
+    from nprune.training import batches
     opt_name, lr, mom, bs = RECIPES[net]
     if init is None:
         torch.manual_seed(seed)

@@ -5,7 +5,7 @@ Usage::
     python benchmarks/profile_step.py [--nets lenet300,lenet5] [--steps 200] [--threads N]
                                       [--rounds R --kernel auto|dense|sparse]
 
-For each net the step is run piece by piece exactly as :func:`nprune.train.train` runs it: data gather
+For each net the step is run piece by piece exactly as :func:`nprune.training.train` runs it: data gather
 (``np.take`` of a random minibatch into preallocated buffers), every layer's forward (train mode), the
 softmax cross-entropy, the flush of tiny logit gradients, every layer's backward (reverse order), the
 optimiser step (LeNet-300-100: Adam, batch 60; LeNet-5: SGD momentum 0.9, batch 64). Each piece is
@@ -47,7 +47,7 @@ from nprune.kernels import apply_kernel  # noqa: E402
 from nprune.losses import softmax_cross_entropy  # noqa: E402
 from nprune.nets import build  # noqa: E402
 from nprune.optim import make_optimizer  # noqa: E402
-from nprune.train import flush_tiny_gradients, train_step  # noqa: E402
+from nprune.training import flush_tiny_gradients, train_step  # noqa: E402
 
 RECIPES = {"lenet300": ("adam", 1.2e-3, 0.0, 60), "lenet5": ("sgd", 0.01, 0.9, 64)}
 

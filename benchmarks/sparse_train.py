@@ -1,7 +1,7 @@
 """Training-level benchmark: seconds per epoch and inference throughput, dense vs auto kernels, at
 the IMP levels of a real (shortened) lottery-ticket run on MNIST.
 
-Masks: magnitude pruning (nprune.prune.magnitude_layerwise) of TRAINED weights at Frankle & Carbin's
+Masks: magnitude pruning (nprune.pruning.magnitude_layerwise) of TRAINED weights at Frankle & Carbin's
 rates (fc 20%, output layer 10%, conv 10% per round), with a short retraining between rounds
 (--iters-per-round). At each timed level the same weights/masks are trained for --steps steps with
 dense and with auto kernels (same data order, blocks interleaved), giving s/epoch (steps x 55000/60),
@@ -38,8 +38,8 @@ from nprune.data.datasets import load_dataset, prepare
 from nprune.kernels import active_thresholds, apply_kernel, kernel_report
 from nprune.evaluate import chunked_logits, evaluate, feature_major, predict
 from nprune.optim import Adam
-from nprune.prune import magnitude_layerwise
-from nprune.train import batches, train_step
+from nprune.pruning import magnitude_layerwise
+from nprune.training import batches, train_step
 
 RATES = {"lenet300": {"fc1.W": 0.2, "fc2.W": 0.2, "fc3.W": 0.1},
          "lenet5": {"conv1.W": 0.1, "conv2.W": 0.1, "fc1.W": 0.2, "fc2.W": 0.1}}

@@ -8,9 +8,9 @@ Recipes (same for both frameworks): LeNet-300-100 Adam lr 1.2e-3 batch 60; LeNet
 maxpool 2, conv 50@5x5, maxpool 2, fc 500 + ReLU, fc 10) SGD lr 0.01 momentum 0.9 batch 64. MNIST
 train split of 55,000 images (``prepare(..., n_val=5000, seed=0)``), preloaded in memory (NumPy arrays;
 tensors made with ``torch.from_numpy`` for torch); each epoch is a permutation from
-``nprune.train.batches`` (the same indices for both frameworks), the last partial batch dropped. The
+``nprune.training.batches`` (the same indices for both frameworks), the last partial batch dropped. The
 torch model starts from the nprune model's initial weights. The timed loop is exactly
-``nprune.train.train``'s inner loop (``np.take`` into buffers, ``train_step``, ``opt.step``), no
+``nprune.training.train``'s inner loop (``np.take`` into buffers, ``train_step``, ``opt.step``), no
 evaluation; the time of one evaluation pass over 15,000 images (``evaluate`` val + test; the
 second of two passes in a row) is reported separately.
 
@@ -86,7 +86,7 @@ def time_epochs(runners, n, bs, epochs, seed):
     taking turns epoch by epoch (A, B, A, B, ...) so that a machine that slows down or speeds up
     during the run affects them alike. Returns {name: [seconds per epoch]}."""
     import numpy as np
-    from nprune.train import batches
+    from nprune.training import batches
     for r in runners.values():
         r["run"](batches(n, bs, 20, np.random.default_rng(123)))  # warm-up (buffers, BLAS threads)
         r["restart"]()
@@ -106,7 +106,7 @@ def setup_nprune(net, data, seed=0):
     from nprune.evaluate import evaluate as evaluate_model
     from nprune.nets import build
     from nprune.optim import make_optimizer
-    from nprune.train import train_step
+    from nprune.training import train_step
     opt_name, lr, mom, bs = RECIPES[net]
     model = build(net, np.random.default_rng(seed))
     init = model.get_weights()
@@ -117,7 +117,7 @@ def setup_nprune(net, data, seed=0):
 
     def run(idxs):
         for idx in idxs:
-            np.take(x, idx, axis=0, out=xb, mode="clip")  # as nprune.train.train
+            np.take(x, idx, axis=0, out=xb, mode="clip")  # as nprune.training.train
             np.take(y, idx, axis=0, out=yb, mode="clip")
             train_step(model, xb, yb)
             opt.step()

@@ -59,10 +59,24 @@ class Sequential:
         """``{"layer.W": mask or None}`` for every prunable weight (None = not pruned)."""
         return {f"{n}.{k}": l.masks.get(k) for n, l in zip(self.names, self.layers) for k in l.prunable}
 
+    def prunable_name(self, name: str) -> str:
+        """The prunable weight ``name`` stands for: a parameter name (``"fc1.W"``) itself, a layer
+        name (``"fc1"``) its one prunable weight. Anything else is a ValueError listing both kinds."""
+        names = self.prunable()
+        if name in names:
+            return name
+        of_layer = [p for p in names if p.split(".")[0] == name]
+        if len(of_layer) == 1:
+            return of_layer[0]
+        layers = [p.split(".")[0] for p in names]
+        raise ValueError(f"{name!r} names no prunable weight; use a layer name ({', '.join(layers)}) "
+                         f"or a parameter name ({', '.join(names)})")
+
     def set_masks(self, masks: dict) -> None:
-        """Install masks (bool or 0/1 arrays, or None) by name; zeroes the pruned weights."""
+        """Install masks (bool or 0/1 arrays; 1 keeps, 0 prunes; None removes the mask) by layer or
+        parameter name (:meth:`prunable_name`); zeroes the pruned weights."""
         for name, mask in masks.items():
-            layer, key = self._owner[name]
+            layer, key = self._owner[self.prunable_name(name)]
             layer.set_mask(key, mask)
 
     def bool_masks(self) -> dict[str, np.ndarray]:
@@ -124,7 +138,7 @@ class Sequential:
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """Forward, mean softmax cross-entropy, backward: the plain gradient of the loss (gradient
-        checks use it; the training step, :func:`nprune.train.train_step`, adds a flush of tiny
+        checks use it; the training step, :func:`nprune.training.train_step`, adds a flush of tiny
         gradients). Inputs: x (N, ...), y (N,) int labels. Returns (loss, logits (N, classes))."""
         logits = self.forward(x, train=True)
         loss, dlogits = softmax_cross_entropy(logits, y)

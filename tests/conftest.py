@@ -11,18 +11,6 @@ import pytest
 
 from nprune.data.idx import write_idx
 
-MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-
-def _has_files(folder: Path) -> bool:
-    return all((folder / f).is_file() or (folder / (f + ".gz")).is_file() for f in MNIST_FILES)
-
-
 def write_tiny_dataset(folder: Path, n_train: int = 20, n_test: int = 10, seed: int = 0) -> Path:
     """Write a tiny fake MNIST-layout dataset (gzip IDX, 28x28 uint8, labels 0..9) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -44,24 +32,33 @@ def tiny_idx_dir(tmp_path) -> Path:
     return write_tiny_dataset(tmp_path / "tiny")
 
 
+def _find_real_mnist() -> tuple[Path | None, str]:
+    """The real MNIST folder as the package finds it (``$NPRUNE_DATA_DIR``, the user cache where
+    ``python -m nprune.experiment`` downloads it, system folders), never downloading; else None
+    and the package's own one-line reason."""
+    from nprune.data.datasets import DataError, find_data_dir
+    try:
+        return find_data_dir("mnist", download=False).resolve(), ""
+    except DataError as e:
+        return None, str(e)
+
+
+# Looked up once, when the tests are collected: before any test's monkeypatch changes the
+# environment, so a test that isolates itself from the user's data still gets the real folder.
+_REAL_MNIST, _WHY_NO_MNIST = _find_real_mnist()
+
+
 def mnist_dir() -> Path | None:
-    """The real MNIST folder: ``$NPRUNE_DATA_DIR`` if it holds the files, else ``<repo>/../shared/data/mnist``."""
-    env = os.environ.get("NPRUNE_DATA_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist")
-    for c in candidates:
-        if c.is_dir() and _has_files(c):
-            return c.resolve()
-    return None
+    """The real MNIST folder (see :func:`_find_real_mnist`), or None."""
+    return _REAL_MNIST
 
 
 @pytest.fixture(name="mnist_dir")
 def mnist_dir_fixture() -> Path:
-    """Path of the real MNIST files; skips the test when they are absent."""
-    d = mnist_dir()
-    if d is None:
-        pytest.skip("real MNIST files not found (set NPRUNE_DATA_DIR)")
-    return d
+    """Path of the real MNIST files; skips the test, saying why, when they are not found."""
+    if _REAL_MNIST is None:
+        pytest.skip(f"real MNIST not found: {_WHY_NO_MNIST}")
+    return _REAL_MNIST
 
 
 @pytest.fixture
@@ -112,10 +109,9 @@ def run_cli(*args, env=None, timeout=300):
 
 def real_mnist() -> Path:
     """The real MNIST folder, or skip the calling test."""
-    d = mnist_dir()
-    if d is None:
-        pytest.skip("real MNIST not available")
-    return d
+    if _REAL_MNIST is None:
+        pytest.skip(f"real MNIST not found: {_WHY_NO_MNIST}")
+    return _REAL_MNIST
 
 
 def run_files(run: Path) -> dict:

@@ -16,7 +16,7 @@ from nprune.experiment.config import FIELDS, PRESETS
 from nprune.experiment.strategies import STRATEGIES
 from nprune.nets import NETS
 from nprune.optim import OPTIMIZERS
-from nprune.prune import SCOPES
+from nprune.pruning import SCOPES
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -4,7 +4,7 @@ import pytest
 
 from nprune.experiment.config import (FIELDS, PRESET_FIELDS, ConfigError, Recipe, check, default_rates,
                                       preset_recipe, satisfies)
-from nprune.prune import SCOPES
+from nprune.pruning import SCOPES
 
 
 def test_default_rates_follow_frankle_carbin():

@@ -13,7 +13,7 @@ from nprune.experiment.imp import IMP
 from nprune.experiment.strategies import (STRATEGIES, Strategy, check_strategy, find_strategy,
                                           strategy_color, strategy_order)
 from nprune.experiment.report import write_report
-from nprune.prune import n_to_prune
+from nprune.pruning import n_to_prune
 
 RECIPE = Recipe.from_dict(dict(net="lenet300", iterations=30, eval_every=10, batch_size=32, lr=2e-3,
                               rates=(("fc1", 0.5), ("fc2", 0.5), ("fc3", 0.25))))

@@ -1,19 +1,16 @@
-"""Short training runs on the real MNIST files (skipped when ../shared/data/mnist is absent)."""
+"""Short training runs on the real MNIST files (skipped, with the reason, when they are not found)."""
 import numpy as np
 import pytest
 
 from nprune import nets
 from nprune.data.datasets import load_dataset, prepare
-from nprune.train import TrainConfig, train
+from nprune.training import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
 def mnist(request):
-    from conftest import mnist_dir
-    d = mnist_dir()
-    if d is None:
-        pytest.skip("real MNIST not available")
-    return prepare(load_dataset("mnist", data_dir=d), n_val=5000, seed=0)
+    from conftest import real_mnist
+    return prepare(load_dataset("mnist", data_dir=real_mnist()), n_val=5000, seed=0)
 
 
 def test_real_mnist_splits(mnist):

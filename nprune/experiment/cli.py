@@ -187,7 +187,7 @@ def cmd_train(argv) -> int:
     """Train one dense network and print validation/test accuracy after every epoch."""
     import numpy as np
     from ..data.datasets import load_dataset, prepare
-    from ..train import train
+    from ..training import train
     from .report import train_summary_markdown
     p = _Parser(prog="python -m nprune.experiment train",
                 description="Train one dense network (no pruning) and print its accuracy per epoch. "
@@ -307,7 +307,7 @@ def cmd_run(argv) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from ..data.datasets import DataError
-    from ..train import DivergenceError
+    from ..training import DivergenceError
     try:
         if argv and argv[0] == "report":
             return cmd_report(argv[1:])

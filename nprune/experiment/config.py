@@ -1,6 +1,6 @@
 """What a run computes: the :class:`Recipe` (hashed into its run folder's name), its checks, the presets.
 
-A recipe holds a :class:`~nprune.train.TrainConfig` (how each round trains) and a :class:`PruneConfig`
+A recipe holds a :class:`~nprune.training.TrainConfig` (how each round trains) and a :class:`PruneConfig`
 (how each round prunes) beside the net, data set, initialiser, validation size and finetune factor.
 Its *flat* view -- one name per setting (``lr``, ``rates``, ``n_val``, ...) -- is what the run
 folder's hash, ``settings.json`` and the command line's flags are made of; :data:`FIELDS` lists it,
@@ -23,8 +23,8 @@ from .. import nets
 from ..data.datasets import DATASETS
 from ..init import INITIALIZERS
 from ..optim import OPTIMIZERS
-from ..prune import SCOPES
-from ..train import TrainConfig
+from ..pruning import SCOPES
+from ..training import TrainConfig
 from .runs import json_ready, stable_hash
 
 RATE_RULE = "in (0, 1)"
@@ -67,7 +67,7 @@ def check(value, rule: str, subject: str | None = None, field_name: str | None =
 
 INIT_CHOICES = tuple(sorted(k for k in INITIALIZERS if k != "zeros"))   # weight initialisers by name
 
-#: Help text, choices and rule of each TrainConfig field a recipe carries. TrainConfig (train.py)
+#: Help text, choices and rule of each TrainConfig field a recipe carries. TrainConfig (training.py)
 #: has no field metadata; where it gains some, that wins over this table.
 TRAIN_FIELDS = {
     "optimizer": {"help": "optimiser", "choices": tuple(sorted(OPTIMIZERS))},

@@ -32,8 +32,8 @@ import numpy as np
 from .. import nets
 from ..data.fsutil import atomic_save_npz, atomic_write_json, load_npz
 from ..kernels import THRESHOLDS_FILE, active_thresholds, apply_kernel, load_thresholds
-from ..prune import prune, sparsity_report
-from ..train import DivergenceError, train
+from ..pruning import prune, sparsity_report
+from ..training import DivergenceError, train
 from .config import Recipe
 from .runs import RunFolder
 from .strategies import DATA, INIT, PRUNE, find_strategy, stream
@@ -41,11 +41,12 @@ from .strategies import DATA, INIT, PRUNE, find_strategy, stream
 class IMP(RunFolder):
     """Runs, resumes and reads back the IMP trajectories of one recipe in the run folder ``run_dir``.
 
-    ``data`` is a Splits object (x_train, y_train, x_val, y_val, x_test, y_test);
-    ``progress(event, **info)`` receives ``"start"``/``"eval"``/``"done"`` events.
+    ``run_dir=None`` keeps every file in memory (nothing is written). ``data`` is a Splits object
+    (x_train, y_train, x_val, y_val, x_test, y_test); ``progress(event, **info)`` receives
+    ``"start"``/``"eval"``/``"done"`` events; ``kernel``: dense, sparse or auto (None: dense).
     """
 
-    def __init__(self, recipe: Recipe, run_dir, data=None, progress=None, kernel: str | None = None):
+    def __init__(self, recipe: Recipe, run_dir=None, data=None, progress=None, kernel: str | None = None):
         recipe.validate()
         super().__init__(run_dir)
         self.recipe = recipe
@@ -68,7 +69,9 @@ class IMP(RunFolder):
             return None
         if self._thresholds is None:
             path = self.dir / THRESHOLDS_FILE
-            if path.exists():
+            if self.in_memory:
+                self._thresholds = active_thresholds()
+            elif path.exists():
                 self._thresholds = load_thresholds(path)
             else:
                 table = active_thresholds()
@@ -87,18 +90,18 @@ class IMP(RunFolder):
 
     def init_weights(self, seed: int, model=None) -> dict:
         path = self.seed_dir(seed) / "init.npz"
-        if path.exists():
-            return load_npz(path)
+        if self.exists(path):
+            return self.load_arrays(path)
         model = model or self.build(seed)
         w = model.get_weights()
-        atomic_save_npz(path, w)
+        self.save_arrays(path, w)
         return w
 
     def rewind_weights(self, seed: int, k: int) -> dict:
         """Weights after ``k`` iterations of the dense run (cached as ``dense/rewind_<k>.npz``)."""
         path = self.seed_dir(seed) / "dense" / f"rewind_{k}.npz"
-        if path.exists():
-            return load_npz(path)
+        if self.exists(path):
+            return self.load_arrays(path)
         model = self.build(seed)
         model.set_weights(self.init_weights(seed))
         if k > 0:
@@ -107,7 +110,7 @@ class IMP(RunFolder):
             w = snaps[k]
         else:
             w = model.get_weights()
-        atomic_save_npz(path, w)
+        self.save_arrays(path, w)
         return w
 
     def _train_round(self, seed: int, strategy: str, r: int, model, start: dict, masks: dict,
@@ -130,26 +133,26 @@ class IMP(RunFolder):
         metrics = {"seed": seed, "strategy": strategy if r else "dense", "round": r,
                    "weights": report, "percent_left": report["total"]["percent"],
                    "lr": cfg.lr, "diverged": False}
-        atomic_save_npz(rd / "masks.npz", {k: v.astype(bool) for k, v in masks.items()})
-        atomic_save_npz(rd / "start.npz", model.get_weights())
+        self.save_arrays(rd / "masks.npz", {k: v.astype(bool) for k, v in masks.items()})
+        self.save_arrays(rd / "start.npz", model.get_weights())
         try:
             with np.errstate(over="ignore", invalid="ignore"):   # divergence is reported below
                 res, _ = train(model, self.data, cfg, stream(seed, DATA, r), progress=on_eval)
         except DivergenceError as e:
             metrics.update(diverged=True, diverged_at=e.iteration, error=str(e))
-            atomic_write_json(rd / "metrics.json", metrics)
+            self.save_json(rd / "metrics.json", metrics)
             if self.progress:
                 self.progress("diverged", seed=seed, strategy=strategy, round=r, error=str(e))
             return metrics
-        atomic_save_npz(rd / "final.npz", model.get_weights())
+        self.save_arrays(rd / "final.npz", model.get_weights())
         d = res.to_dict()
         seconds = d.pop("seconds")
         curves = {k: d.pop(k) for k in ("iterations", "train_loss", "val_loss", "val_acc",
                                         "test_loss", "test_acc")}
         metrics.update(d)
         metrics["curves"] = curves
-        atomic_write_json(rd / "timing.json", {"seconds": seconds})
-        atomic_write_json(rd / "metrics.json", metrics)   # last: marks the round finished
+        self.save_json(rd / "timing.json", {"seconds": seconds})
+        self.save_json(rd / "metrics.json", metrics)   # last: marks the round finished
         if self.progress:
             self.progress("done", seed=seed, strategy=strategy if r else "dense", round=r,
                           metrics=metrics, seconds=seconds)
@@ -177,10 +180,10 @@ class IMP(RunFolder):
                     break
                 continue
             prev = self.round_dir(seed, strategy, r - 1)
-            if out[-1].get("diverged") or not (prev / "final.npz").exists():
+            if out[-1].get("diverged") or not self.exists(prev / "final.npz"):
                 break
-            prev_final = load_npz(prev / "final.npz")
-            prev_masks = load_npz(prev / "masks.npz")
+            prev_final = self.load_arrays(prev / "final.npz")
+            prev_masks = self.load_arrays(prev / "masks.npz")
             masks = prune(prev_final, prev_masks, rates, self.recipe.prune.scope,
                           rng=stream(seed, PRUNE, r))
             start, lr_factor = spec.reset(self, seed, r, prev_final, *args)
@@ -188,6 +191,23 @@ class IMP(RunFolder):
             if out[-1].get("diverged"):
                 break
         return out
+
+
+    def run(self, seeds=(0,), strategies=("rewind",), rounds: int = 3) -> list[dict]:
+        """Run (or resume) every round of ``strategies`` for ``seeds`` one after another, and
+        return every round's metrics (the dense round 0 of each seed first). Writes
+        ``settings.json`` (the recipe and this plan) first, as the command line does."""
+        seeds, strategies = [int(s) for s in seeds], list(strategies)
+        for name in strategies:
+            find_strategy(name)
+        self.write_settings(self.recipe.to_dict(), {"strategies": strategies, "rounds": int(rounds),
+                                                    "seeds": seeds, "kernel": self.kernel})
+        rows = []
+        for seed in seeds:
+            rows.append(self.run_dense(seed))
+            for name in strategies:
+                rows.extend(self.run_strategy(seed, name, rounds)[1:])
+        return rows
 
 
 class _NoEval:

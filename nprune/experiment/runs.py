@@ -24,7 +24,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..data.fsutil import atomic_write_json, load_json
+import numpy as np
+
+from ..data.fsutil import atomic_save_npz, atomic_write_json, load_json, load_npz
 from .strategies import strategy_order
 
 SETTINGS = "settings.json"
@@ -47,10 +49,17 @@ def json_ready(v):
 
 
 class RunFolder:
-    """Paths and finished-round bookkeeping of one run folder ``dir``."""
+    """Paths and finished-round bookkeeping of one run folder ``dir``.
 
-    def __init__(self, run_dir):
-        self.dir = Path(run_dir)
+    With ``run_dir=None`` nothing touches the disk: the same files are kept in a dict (in memory),
+    under the same relative paths, so an experiment can run from Python without a folder. Every
+    read and write of a round's files goes through :meth:`exists`, :meth:`save_arrays`,
+    :meth:`load_arrays`, :meth:`save_json` and :meth:`load_json`."""
+
+    def __init__(self, run_dir=None):
+        self.in_memory = run_dir is None
+        self.dir = Path("." if run_dir is None else run_dir)
+        self._files: dict = {}
 
     def seed_dir(self, seed: int) -> Path:
         return self.dir / f"seed_{seed}"
@@ -61,21 +70,46 @@ class RunFolder:
             return self.seed_dir(seed) / "dense"
         return self.seed_dir(seed) / strategy / f"round_{r}"
 
+    # ----- storage: files, or a dict when in memory -------------------------------------------------
+    def exists(self, path: Path) -> bool:
+        return path in self._files if self.in_memory else path.exists()
+
+    def save_arrays(self, path: Path, arrays: dict) -> None:
+        if self.in_memory:
+            self._files[path] = {k: np.array(v) for k, v in arrays.items()}
+        else:
+            atomic_save_npz(path, arrays)
+
+    def load_arrays(self, path: Path) -> dict:
+        if self.in_memory:
+            return {k: v.copy() for k, v in self._files[path].items()}
+        return load_npz(path)
+
+    def save_json(self, path: Path, obj) -> None:
+        if self.in_memory:
+            self._files[path] = json.loads(json.dumps(obj))
+        else:
+            atomic_write_json(path, obj)
+
+    def load_json(self, path: Path):
+        return json.loads(json.dumps(self._files[path])) if self.in_memory else load_json(path)
+
+    # ----- rounds and settings ----------------------------------------------------------------------
     def is_done(self, seed: int, strategy: str, r: int) -> bool:
-        return (self.round_dir(seed, strategy, r) / METRICS).exists()
+        return self.exists(self.round_dir(seed, strategy, r) / METRICS)
 
     def metrics(self, seed: int, strategy: str, r: int) -> dict:
         """The saved metrics of a finished round."""
-        return load_json(self.round_dir(seed, strategy, r) / METRICS)
+        return self.load_json(self.round_dir(seed, strategy, r) / METRICS)
 
     def write_settings(self, recipe: dict, plan: dict) -> None:
         """``settings.json``: the hashed recipe and the plan of the latest run (not hashed)."""
-        atomic_write_json(self.dir / SETTINGS, {"recipe": recipe, "hash_covers": "recipe only",
-                                                "last_plan": plan})
+        self.save_json(self.dir / SETTINGS, {"recipe": recipe, "hash_covers": "recipe only",
+                                             "last_plan": plan})
 
     def settings(self) -> dict | None:
         path = self.dir / SETTINGS
-        return load_json(path) if path.exists() else None
+        return self.load_json(path) if self.exists(path) else None
 
 
 def collect(run_dir) -> list:

@@ -8,7 +8,7 @@ import pytest
 from nprune import nets
 from nprune.gradcheck import rel_error
 from nprune.losses import softmax_cross_entropy
-from nprune.train import GRAD_FLUSH_BELOW, DivergenceError, TrainConfig, batches, train, train_step
+from nprune.training import GRAD_FLUSH_BELOW, DivergenceError, TrainConfig, batches, train, train_step
 
 
 def test_batches_are_epoch_permutations():

@@ -3,7 +3,7 @@ random control."""
 import numpy as np
 import pytest
 
-from nprune.prune import (magnitude_global, magnitude_layerwise, n_to_prune, prune, random_layerwise,
+from nprune.pruning import (magnitude_global, magnitude_layerwise, n_to_prune, prune, random_layerwise,
                           sparsity_report)
 
 
