@@ -129,7 +129,7 @@ def _weights_axis(ax, lv: list) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _thin_tick_labels(ax, pad: float = 4.0) -> None:
+def _thin_tick_labels(ax, pad: float = 6.0) -> None:
     """Blank x tick labels that would overlap their left neighbour (in pixels, after layout), keeping
     the first and the last (100% and the sparsest level) always."""
     fig = ax.figure
@@ -153,8 +153,12 @@ def _thin_tick_labels(ax, pad: float = 4.0) -> None:
 
 
 def _legend(ax, **kw) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(**kw)
+    """The legend with the data series first and the reference lines and marker keys after them."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        last = [lab.startswith(("dense mean", "budget", "hollow")) for lab in labels]
+        order = sorted(range(len(labels)), key=lambda i: last[i])
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], **kw)
     else:
         ax.text(0.5, 0.5, "no finished (non-diverged) round", ha="center", transform=ax.transAxes)
 
@@ -199,18 +203,18 @@ def draw_metric(rows: list, key: str, ylabel: str, info: RunInfo, scale: float =
     _weights_axis(ax, levels(rows))
     ax.set_ylabel(ylabel)
     ax.set_title(info.title(), fontsize=10)
-    _legend(ax, fontsize=8, loc="lower left")
+    _legend(ax, fontsize=8, loc="best")
     fig.tight_layout()
     _thin_tick_labels(ax)
     return fig
 
 
 def _pick_rounds(rs: list, most: int = MAX_CURVES) -> list:
-    """All rounds if at most ``most``, else about ``most`` evenly spaced ones, first and last kept."""
+    """All rounds if at most ``most``, else every k-th one (k as small as fits) and the last."""
     if len(rs) <= most:
         return rs
-    idx = np.unique(np.round(np.linspace(0, len(rs) - 1, most)).astype(int))
-    return [rs[i] for i in idx]
+    step = int(np.ceil((len(rs) - 1) / (most - 1)))
+    return sorted(set(rs[::step]) | {rs[-1]})
 
 
 def _mean_curve(ms: list):
@@ -241,7 +245,7 @@ def draw_curves(rows: list, info: RunInfo, max_rounds: int = MAX_CURVES):
             ms = _ok(rounds[r])
             it, acc, k = _mean_curve(ms)
             left = np.mean([m["percent_left"] for m in ms])
-            ax.plot(it, acc * 100, color=shade[r], lw=1.5, label=f"{r}: {_pct(left)}% left")
+            ax.plot(it, acc * 100, color=shade[r], lw=1.5, label=f"round {r}: {_pct(left)}% left")
             lows.append(acc.min() * 100)
             highs.append(acc.max() * 100)
         if lows:
@@ -253,7 +257,7 @@ def draw_curves(rows: list, info: RunInfo, max_rounds: int = MAX_CURVES):
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, alpha=0.3)
         which = "all rounds" if pick == rs else "rounds " + ", ".join(map(str, pick))
-        _legend(ax, fontsize=8, loc="lower right", title=f"round ({which})", title_fontsize=8)
+        _legend(ax, fontsize=8, loc="best", title=which, title_fontsize=8)
     mean = f" (mean of {info.n_seeds} seeds)" if info.n_seeds > 1 else ""
     fig.suptitle(info.title(f": test accuracy during training{mean}", bars=False), fontsize=10)
     fig.tight_layout()
