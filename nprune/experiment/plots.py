@@ -109,7 +109,8 @@ def levels(rows: list) -> list:
     densest first."""
     by_round = {}
     for m in rows:
-        by_round.setdefault(m["round"], []).append(m["percent_left"])
+        if "percent_left" in m:
+            by_round.setdefault(m["round"], []).append(m["percent_left"])
     return sorted((float(np.mean(v)) for v in by_round.values()), reverse=True)
 
 
@@ -198,8 +199,10 @@ def draw_metric(rows: list, key: str, ylabel: str, info: RunInfo, scale: float =
                    label=f"budget ({cap:,} iterations)", gid="budget")
         ax.set_ylim(0, cap * scale * 1.1)
         if n_capped:
+            who = "a seed stopped" if info.n_seeds > 1 else "stopped"
             ax.plot([], [], ls="none", marker="o", ms=5, mfc=HOLLOW, mec="gray",
-                    label="hollow: at the budget (min val loss at\nthe last evaluation; true stop unknown)")
+                    label=f"hollow: {who} at the budget (min val loss at\nthe last evaluation; "
+                          "true early stop unknown)")
     _weights_axis(ax, levels(rows))
     ax.set_ylabel(ylabel)
     ax.set_title(info.title(), fontsize=10)
