@@ -20,3 +20,6 @@ def test_report_rebuild(tmp_path, synth):
     lines = first.strip().splitlines()
     assert len(lines) == 1 + 1 + 2 * 2          # header, dense, 2 strategies x 2 rounds
     assert len(collect(imp.dir)) == 5
+    files = {Path(f).name for f in write_report(imp.dir, plot_format="png,pdf")["files"]}
+    assert {"accuracy_vs_weights.pdf", "early_stop_vs_weights.pdf", "curves.pdf", "curves.png"} <= files
+    assert (imp.dir / "curves.pdf").read_bytes()[:5] == b"%PDF-"

@@ -115,8 +115,9 @@ def sparsity_markdown(groups: dict) -> list:
     return lines
 
 
-def write_report(run_dir) -> dict:
-    """Rebuild ``results.csv``, ``curves.csv``, ``summary.md`` and the PNG plots of ``run_dir``.
+def write_report(run_dir, plot_format: str = "png") -> dict:
+    """Rebuild ``results.csv``, ``curves.csv``, ``summary.md`` and the plots of ``run_dir``, in each
+    format of ``plot_format`` (``"png"``, ``"svg"``, ``"pdf"`` or a comma-separated combination).
     Returns ``{"rows": n, "files": [paths]}``; raises FileNotFoundError when nothing is finished."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -135,7 +136,7 @@ def write_report(run_dir) -> dict:
         atomic_write_text(run_dir / name, text)
         files.append(run_dir / name)
     from .plots import all_plots   # matplotlib only when figures are drawn
-    files += all_plots(rows, run_dir, title)
+    files += all_plots(rows, run_dir, run_dir.name, plot_format=plot_format, settings=settings)
     return {"rows": len(rows), "files": files}
 
 
