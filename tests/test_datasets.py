@@ -212,7 +212,7 @@ def test_mnist_files_rejected_as_fashion(tiny_idx_dir, monkeypatch):
     tiny_spec(monkeypatch, tiny_idx_dir, "mnist")
     spec = ds.DATASETS["fashion-mnist"]
     monkeypatch.setitem(ds.DATASETS, "fashion-mnist", dataclasses.replace(spec, n_train=20, n_test=10, sha256=None))
-    with pytest.raises(DataError, match="mnist labels file, not fashion-mnist"):
+    with pytest.raises(DataError, match="holds mnist, not fashion-mnist"):
         load_dataset("fashion-mnist", data_dir=tiny_idx_dir)
 
 
