@@ -40,7 +40,7 @@ def test_one_clock_gives_the_eta_of_the_whole_command(monkeypatch):
     done and its own as still to do, so the ETA is the whole command's."""
     from nprune.experiment import progress
     now = [0.0]
-    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(progress.time, "time", lambda: now[0])
     clock = progress.Clock(40)                       # lenet300: 10 iterations; lenet5: 30
     out = io.StringIO()
     first = Progress("lenet300", clock=clock, every=0, stream=out)
@@ -64,3 +64,11 @@ def test_without_a_total_no_eta():
     Progress("lenet5", every=0, stream=out)("eval", seed=0, strategy="x", round=1, iteration=1,
                                             total=2, val_acc=0.5, test_acc=0.5)
     assert "elapsed" in out.getvalue() and "eta" not in out.getvalue()
+
+
+def test_a_copy_of_the_clock_carries_on(monkeypatch):
+    from nprune.experiment import progress
+    now = [110.0]
+    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    copy = progress.Clock(*(40, 10, 100.0))    # a --jobs worker's: 10 of 40 done, the command began at 100
+    assert copy.elapsed() == 10.0 and copy.eta(10) == "0:00:10"     # 20 of 40 done in 10 s

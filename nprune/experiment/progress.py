@@ -15,13 +15,18 @@ class Clock:
     round it still has to run; rounds already on disk are not counted), and the ETA they give at
     the rate measured so far. One clock is shared by the progress lines of all the command's runs."""
 
-    def __init__(self, total_iterations: int):
+    def __init__(self, total_iterations: int, done: int = 0, start: float | None = None):
         self.total = max(0, total_iterations)
-        self.done = 0   # iterations of finished trainings
-        self.t0 = time.perf_counter()
+        self.done = done   # iterations of finished trainings
+        self.start = time.time() if start is None else start   # wall clock: the same in every process
+
+    def state(self) -> tuple:
+        """``(total, done, start)``: a copy made by ``Clock(*state)`` in a --jobs worker carries on
+        from here (it misses only the rounds other workers finish meanwhile)."""
+        return self.total, self.done, self.start
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
+        return time.time() - self.start
 
     def eta(self, current: int = 0) -> str:
         """The time left once ``current`` more iterations (of a training under way) are done."""
@@ -35,7 +40,7 @@ class Progress:
     """Progress lines on stderr: round, strategy, seed, iteration, accuracy, elapsed and ETA.
 
     Elapsed time and ETA are the ``clock``'s (the whole command's); without one, a clock of
-    ``total_iterations``; with neither (a --jobs worker, which sees one round), no ETA."""
+    ``total_iterations``; with neither, no ETA."""
 
     def __init__(self, net: str, total_iterations: int | None = None, quiet: bool = False,
                  every: float = 5.0, stream=None, clock: Clock | None = None):

@@ -36,14 +36,16 @@ _WORKER_DATA: dict = {}   # a worker process loads the data once and keeps it fo
 
 def _task(payload) -> tuple:
     """Worker entry for --jobs: one round, ``(seed, "dense", 0)`` or ``(seed, strategy, r)``, whose
-    previous round is finished. Returns ``(seed, strategy, r, finished, diverged)``."""
-    recipe, run_dir, seed, strategy, r, data_dir, download, quiet, kernel = payload
+    previous round is finished; ``clock`` is the command's :meth:`Clock.state` when the round was
+    handed out, so the worker's progress lines show the command's ETA. Returns
+    ``(seed, strategy, r, finished, diverged)``."""
+    recipe, run_dir, seed, strategy, r, data_dir, download, quiet, kernel, clock = payload
     key = (recipe.dataset, recipe.n_val, data_dir)
     if key not in _WORKER_DATA:
         _WORKER_DATA.clear()
         _WORKER_DATA[key] = _load_data(recipe, data_dir, download)
     imp = IMP(recipe, run_dir, _WORKER_DATA[key], kernel=kernel)
-    imp.progress = Progress(recipe.net, quiet=quiet)   # the parent's lines carry the command's ETA
+    imp.progress = Progress(recipe.net, quiet=quiet, clock=Clock(*clock))
     if strategy == "dense":
         last = imp.run_dense(seed)
     else:   # rounds < r are on disk: this runs round r only (or stops early, as a resume would)
@@ -122,7 +124,7 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel,
             while ready and len(running) < jobs:
                 key = max(ready, key=rounds_left)
                 r = ready.pop(key)
-                fut = pool.submit(_task, (recipe, run_dir, key[0], key[1], r) + common)
+                fut = pool.submit(_task, (recipe, run_dir, key[0], key[1], r) + common + (clock.state(),))
                 running[fut] = key
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
