@@ -21,7 +21,7 @@ from .config import (FIELDS, NET_OPTIMIZER, PRESET_FIELDS, PRESETS, ConfigError,
 from .imp import IMP
 from .strategies import STRATEGIES, check_strategy
 from .progress import Clock, hms
-from .schedule import _remaining_iterations, run_job
+from .schedule import remaining_iterations, run_job
 
 
 #: Recipe settings with a flag of their own in a run (``--net``, ``--rate`` and ``--layer-rates``
@@ -403,7 +403,7 @@ def cmd_run(args) -> int:
     for job in jobs:
         imp = IMP(job["recipe"], out / job["recipe"].folder_name(), kernel=args.kernel)
         imp.kernel_thresholds(save=False)
-        to_go += _remaining_iterations(imp, job)
+        to_go += remaining_iterations(imp, job)
     # find (or download) and verify the data before anything is written
     for dataset in dict.fromkeys(job["recipe"].dataset for job in jobs):
         load_dataset(dataset, data_dir=args.data_dir, download=not args.no_download)

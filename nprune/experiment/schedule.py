@@ -14,7 +14,8 @@ from .imp import IMP
 from .progress import Clock, Progress, hms
 
 
-def _remaining_iterations(imp: IMP, job: dict) -> int:
+def remaining_iterations(imp: IMP, job: dict) -> int:
+    """Training iterations of ``job`` not on disk yet: every unfinished round, dense round 0 included."""
     r = job["recipe"]
     n = 0
     for s in job["seeds"]:
@@ -64,7 +65,7 @@ def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bo
     imp.write_settings(recipe.to_dict(), {"strategies": job["strategies"], "rounds": job["rounds"],
                                           "seeds": job["seeds"], "kernel": kernel})
     imp.kernel_thresholds()   # auto: saved in the run folder by its first run, reused afterwards
-    total = _remaining_iterations(imp, job)
+    total = remaining_iterations(imp, job)
     if not quiet:
         print(f"run folder: {run_dir} ({total} training iterations to go)", file=sys.stderr, flush=True)
     if total == 0:
