@@ -45,8 +45,8 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
     r = run_cli("--net", "lenet300", "--rounds", "-3")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     r = run_cli("--data-dir", str(tmp_path / "nowhere"), "--no-download", "--out", str(tmp_path / "o"))
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "nowhere" in r.stderr and "train-images-idx3-ubyte" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "nowhere" in r.stderr and "train-images-idx3-ubyte" in r.stderr and "does not exist" in r.stderr
     r = run_cli("report", str(tmp_path / "missing"))
     assert r.returncode == 1 and "no such run folder" in r.stderr and "Traceback" not in r.stderr
 
@@ -221,6 +221,10 @@ def test_train_several_seeds_prints_a_mean_and_writes_json(tmp_path, capsys, mon
     assert main(common + ["--seeds", "0,2", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "seed 0:" in text and "seed 2:" in text and "**mean of 2**" in text
+    # each run ends with the early stop first; no maximum over the test evaluations
+    ends = [ln for ln in text.splitlines() if "min val loss" in ln]
+    assert len(ends) == 2 and all(ln.startswith("early stop (min val loss, iteration ") for ln in ends)
+    assert "best test" not in text and "max test" not in text
     rec = json.loads(out.read_text())
     assert [r["seed"] for r in rec["runs"]] == [0, 2] and rec["steps_per_epoch"] == 6
     r0 = rec["runs"][0]["result"]
@@ -250,7 +254,7 @@ def test_every_recipe_setting_has_one_flag_with_its_help_and_choices():
     actions = {a.dest: a for a in p._actions}
     for name in RUN_FIELDS:
         a = actions[name]
-        assert a.option_strings == [flag(name)] and a.help == FIELDS[name].meta.get("help")
+        assert a.option_strings == [flag(name)] and a.help.startswith(FIELDS[name].meta["help"])
         assert a.choices == FIELDS[name].meta.get("choices")
     assert flag("n_val") == "--val" and flag("rates") == "--layer-rates" and flag("rounds") == "--rounds"
     assert set(actions["scope"].choices) == set(SCOPES) and set(actions["optimizer"].choices) == set(OPTIMIZERS)
@@ -286,3 +290,134 @@ def test_commands_find_their_existing_run_folders(argv, names):
 def test_setting_errors_name_the_flag(args, message, capsys):
     assert main(args) == 2
     assert capsys.readouterr().err == f"nprune: error: {message}\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# subcommands and their help; --seeds bounds; the whole command's ETA; what a run prints last
+
+from nprune.experiment.cli import COMMANDS, MAX_SEEDS, build_main_parser  # noqa: E402
+
+
+def test_every_command_is_in_the_usage_line_and_listed_once(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    usage = out[:out.index("\n\n")]
+    for name, about in COMMANDS.items():
+        assert name in usage, name
+        assert sum(line.startswith(f"    {name} ") for line in out.splitlines()) == 1, name
+    assert "--strategies" in out and "--plot-format" in out          # run's flags follow
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS if c not in ("calibrate", "show"))])
+def test_no_help_says_default_none(command):
+    top = build_main_parser()
+    texts = [top.format_help()] + [p.format_help() for p in top.commands.values()]
+    if command:
+        texts = [top.commands[command[0]].format_help()]
+    for text in texts:
+        flat = " ".join(text.split())
+        assert "(default: None)" not in flat and "default: None" not in flat, text
+    for p in top.commands.values():
+        for a in p._actions:
+            assert a.help, (p.prog, a.dest)
+
+
+def test_default_command_is_run_and_kernel_commands_delegate():
+    r = run_cli("--preset", "seed", "--jobs", "2", "--net", "lenet300", "--rounds", "-1")
+    assert r.returncode == 2 and "--rounds must be >= 0" in r.stderr       # parsed as run flags
+    r = run_cli("show")
+    assert r.returncode == 0 and "source:" in r.stdout, r.stderr
+    r = run_cli("calibrate", "--help")
+    assert r.returncode == 0 and "--quick" in r.stdout
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "x", "3-1", "0-20000000", "10000000000000000000000",
+                                  "4294967296", "0-9999,20000-29999", "9" * 5000])
+def test_bad_seeds_are_one_line_with_the_forms(text, capsys):
+    t0 = time.perf_counter()
+    assert main(["--seeds", text, "--net", "lenet300"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "--seeds must be a count >= 1 (e.g. 3 for seeds 0,1,2), a list (0,3,7) or a range (4-4" in err
+    assert time.perf_counter() - t0 < 2                                # no list of millions first
+
+
+def test_good_seeds():
+    p = build_parser()
+    assert resolve(p.parse_args(["--seeds", "4"]))[0]["seeds"] == [0, 1, 2, 3]
+    assert resolve(p.parse_args(["--seeds", "4-4,0"]))[0]["seeds"] == [0, 4]
+    assert len(resolve(p.parse_args(["--seeds", str(MAX_SEEDS)]))[0]["seeds"]) == MAX_SEEDS
+    assert resolve(p.parse_args(["--seeds", "4294967295-4294967295"]))[0]["seeds"] == [4294967295]
+
+
+def test_one_clock_counts_every_net_of_the_command(tmp_path, monkeypatch):
+    """The default run does both nets: the clock its progress lines share counts the iterations
+    of both (seeds x (dense + strategies x rounds) each)."""
+    from nprune.experiment import cli
+    seen = []
+
+    def fake_run_job(job, out, *rest):
+        seen.append((job, rest[-1]))
+        return tmp_path
+    monkeypatch.setattr(cli, "run_job", fake_run_job)
+    monkeypatch.setattr(cli, "_write_report", lambda d, fmt: {"files": []})
+    monkeypatch.setattr("nprune.data.datasets.load_dataset", lambda *a, **k: None)
+    assert main(["--seeds", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    assert [j["recipe"].net for j, _ in seen] == ["lenet300", "lenet5"]
+    clock = seen[0][1]
+    assert seen[1][1] is clock
+    assert clock.total == sum(2 * (1 + len(j["strategies"]) * j["rounds"]) * j["recipe"].train.iterations
+                              for j, _ in seen)
+
+
+TINY_RUN = ["--net", "lenet300", "--iterations", "20", "--eval-every", "10", "--rounds", "1",
+            "--seeds", "1", "--val", "100", "--strategies", "rewind"]
+
+
+def test_a_run_ends_with_the_paths_and_prints_tables_only_when_asked(tmp_path):
+    args = [*TINY_RUN, "--data-dir", str(real_mnist()), "--out", str(tmp_path)]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    run = next(tmp_path.glob("lenet300-*"))
+    lines = r.stdout.splitlines()
+    plots = sorted(str(p) for p in run.glob("*.png"))
+    assert lines[0] == str(run / "summary.md") and sorted(lines[1:]) == plots and len(plots) == 3
+    assert "|" not in r.stdout and "finished in" in r.stderr
+    r = run_cli(*args, "--print-tables", "--quiet")                      # resumes: nothing to train
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith((run / "summary.md").read_text())
+    assert r.stdout.splitlines()[-4:] == lines
+
+
+@pytest.mark.parametrize("bad", ["gif", "png,", "png,jpg", ","])
+def test_bad_plot_format_is_one_line(bad, capsys):
+    if bad == "png,":
+        assert build_parser().parse_args(["--plot-format", bad]).plot_format == "png"
+        return
+    assert main(["--plot-format", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--plot-format must be png, svg, pdf" in err
+
+
+def test_plot_format_reaches_write_report(tmp_path, synth, monkeypatch):
+    monkeypatch.setattr(schedule, "_load_data", lambda recipe, d, dl: synth)
+    monkeypatch.setattr("nprune.data.datasets.load_dataset", lambda *a, **k: None)
+    assert main([*TINY_RUN, "--batch-size", "32", "--out", str(tmp_path), "--quiet",
+                 "--plot-format", "svg,pdf"]) == 0
+    run = next(tmp_path.glob("lenet300-*"))
+    assert list(run.glob("*.svg")) and list(run.glob("*.pdf"))
+
+
+def test_a_folder_of_the_other_data_set_names_both(tmp_path):
+    src = real_mnist()
+    fake = tmp_path / "fashion"
+    fake.mkdir()
+    for f in src.iterdir():
+        if "idx" in f.name:
+            (fake / f.name).symlink_to(f)
+    for how in (["--data-dir", str(fake)], []):
+        r = run_cli("--dataset", "fashion-mnist", "--net", "lenet300", "--no-download", *how,
+                    "--out", str(tmp_path / "o"), env={"NPRUNE_DATA_DIR": str(fake)})
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+        assert "holds mnist, not fashion-mnist" in r.stderr and "verify" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -212,7 +212,7 @@ def test_mnist_files_rejected_as_fashion(tiny_idx_dir, monkeypatch):
     tiny_spec(monkeypatch, tiny_idx_dir, "mnist")
     spec = ds.DATASETS["fashion-mnist"]
     monkeypatch.setitem(ds.DATASETS, "fashion-mnist", dataclasses.replace(spec, n_train=20, n_test=10, sha256=None))
-    with pytest.raises(DataError, match="mnist labels file, not fashion-mnist"):
+    with pytest.raises(DataError, match="holds mnist, not fashion-mnist"):
         load_dataset("fashion-mnist", data_dir=tiny_idx_dir)
 
 
@@ -372,3 +372,24 @@ def test_real_fashion_mnist_from_debian_package():
     d = load_dataset("fashion-mnist", data_dir=system)
     assert d["x_train"].shape == (60000, 28, 28) and d["y_test"].shape == (10000,)
     assert np.bincount(d["y_train"]).tolist() == [6000] * 10
+
+
+@pytest.mark.parametrize("how", ["arg", "env"])
+def test_a_folder_that_does_not_exist_says_so(tmp_path, monkeypatch, how):
+    folder = tmp_path / "nowhere"
+    if how == "env":
+        monkeypatch.setenv(ds.ENV_VAR, str(folder))
+    with pytest.raises(DataError) as info:
+        find_data_dir("mnist", data_dir=folder if how == "arg" else None)
+    msg = assert_one_line(info.value)
+    assert f"folder {folder}" in msg and "does not exist" in msg and all(n in msg for n in NAMES)
+
+
+def test_checksum_message_gives_no_library_only_advice(tiny_idx_dir, monkeypatch):
+    tiny_spec(monkeypatch, tiny_idx_dir)
+    x = read_idx(tiny_idx_dir / "t10k-images-idx3-ubyte.gz")
+    x[0, 0, 0] ^= 1
+    _rewrite(tiny_idx_dir, "t10k-images-idx3-ubyte", x)
+    with pytest.raises(DataError) as info:
+        load_dataset("mnist", data_dir=tiny_idx_dir)
+    assert "SHA-256" in str(info.value) and "verify" not in str(info.value)

@@ -184,6 +184,11 @@ def _user_folder(folder: Path, spec: DatasetSpec, how: str, download: bool) -> P
     if download and _same_dir(folder, cache):
         _download_missing(spec, cache, looked=[folder])
         return folder
+    if not folder.is_dir():
+        raise DataError(
+            f"{spec.name}: folder {folder} (given by {how}) does not exist; point {how} at the "
+            f"folder that holds {', '.join(missing)} (raw or .gz)"
+        )
     raise DataError(
         f"{spec.name}: missing {', '.join(missing)} (raw or .gz) in {folder} (given by {how}); "
         f"put the four files there or point {how} at the folder that holds them"
@@ -339,15 +344,18 @@ def _fingerprint(paths: dict[str, Path]) -> tuple:
     return tuple(out)
 
 
-def _known_label_hashes(except_name: str) -> dict[str, str]:
-    """sha256 -> dataset name of label files of *other* datasets (to catch a mixed-up folder)."""
-    out = {}
-    for other in DATASETS.values():
-        if other.name != except_name and other.sha256:
-            for fname in (other.files["y_train"], other.files["y_test"]):
-                if fname in other.sha256:
-                    out[other.sha256[fname]] = other.name
-    return out
+def _known_hashes(except_name: str) -> dict[str, str]:
+    """sha256 -> dataset name of the files of *other* datasets (to name a mixed-up folder)."""
+    return {h: other.name for other in DATASETS.values()
+            if other.name != except_name and other.sha256 for h in other.sha256.values()}
+
+
+def _other_dataset(spec: DatasetSpec, path: Path, payload: bytes) -> None:
+    """Raise DataError naming both data sets when ``path`` is another known data set's file."""
+    other = _known_hashes(spec.name).get(hashlib.sha256(payload).hexdigest())
+    if other:
+        raise DataError(f"{path.parent} holds {other}, not {spec.name} ({path.name} is the {other} "
+                        f"file); point --data-dir or ${ENV_VAR} at the {spec.name} files")
 
 
 def _load_checked(spec: DatasetSpec, paths: dict[str, Path], verify: bool) -> dict[str, np.ndarray]:
@@ -364,14 +372,13 @@ def _load_checked(spec: DatasetSpec, paths: dict[str, Path], verify: bool) -> di
             got = hashlib.sha256(payload).hexdigest()
             want = spec.sha256[fname]
             if got != want:
+                _other_dataset(spec, path, payload)
                 raise DataError(
                     f"{path}: SHA-256 of the decompressed payload is {got}, expected {want} for {spec.name} "
-                    f"{fname}; the file is corrupt or not the canonical one (load with verify=False to accept it)"
+                    f"{fname}; the file is corrupt or not the canonical one"
                 )
-        elif verify and role.startswith("y"):
-            other = _known_label_hashes(spec.name).get(hashlib.sha256(payload).hexdigest())
-            if other:
-                raise DataError(f"{path}: this is the {other} labels file, not {spec.name}")
+        elif verify:
+            _other_dataset(spec, path, payload)
         del payload
         if arr.dtype != np.uint8:
             raise DataError(f"{path}: dtype {arr.dtype}, expected uint8")

@@ -20,8 +20,9 @@ from .config import (FIELDS, NET_OPTIMIZER, PRESET_FIELDS, PRESETS, ConfigError,
                      preset_recipe)
 from .imp import IMP
 from .strategies import STRATEGIES, check_strategy
-from .progress import hms
-from .schedule import run_job
+from .progress import Clock, hms
+from .report import write_report
+from .schedule import remaining_iterations, run_job
 
 
 #: Recipe settings with a flag of their own in a run (``--net``, ``--rate`` and ``--layer-rates``
@@ -52,20 +53,53 @@ def usage_message(err: ConfigError) -> str:
     return err.message(flag(err.field) if err.field else "")
 
 
-def add_recipe_flags(p: argparse.ArgumentParser, names) -> None:
-    """One flag per flat recipe setting in ``names``. A setting that presets choose defaults to
-    None (the preset's or the net's value); the others to the recipe's default."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where it is None or False (the help says what happens
+    then) or where the help names it already."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _per_net(values: dict) -> str:
+    """``{"lenet300": 1500, "lenet5": 600}`` -> ``1500 for lenet300, 600 for lenet5``; one value
+    when the nets agree."""
+    vals = list(values.values())
+    if all(v == vals[0] for v in vals):
+        return str(vals[0])
+    return ", ".join(f"{v} for {net}" for net, v in values.items())
+
+
+def preset_default(name: str) -> str:
+    """Help text of a setting the preset chooses: what the default preset sets it to."""
+    nets_ = PRESETS["default"]["nets"]
+    fallback = FIELDS[name].default if name in FIELDS else None
+    return f"default: the preset's; for default, {_per_net({n: v.get(name, fallback) for n, v in nets_.items()})}"
+
+
+def net_default(name: str) -> str:
+    """Help text of a setting ``train`` takes from the net's optimiser recipe."""
+    return f"default: the net's; {_per_net({n: v[name] for n, v in NET_OPTIMIZER.items()})}"
+
+
+def add_recipe_flags(p: argparse.ArgumentParser, names, unset_help=preset_default) -> None:
+    """One flag per flat recipe setting in ``names``, with the setting's help. A setting that
+    presets choose defaults to None (the preset's or the net's value, as ``unset_help`` says);
+    the others to the recipe's default."""
     for name in names:
         spec = FIELDS[name]
+        chosen = name in PRESET_FIELDS
         p.add_argument(flag(name), dest=name, type=spec.type, choices=spec.meta.get("choices"),
                        metavar=None if "choices" in spec.meta else flag(name)[2:].upper().replace("-", "_"),
-                       default=None if name in PRESET_FIELDS else spec.default,
-                       help=spec.meta.get("help"))
+                       default=None if chosen else spec.default,
+                       help=spec.meta["help"] + (f" ({unset_help(name)})" if chosen else ""))
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="folder with the four IDX files (else $NPRUNE_DATA_DIR, the "
-                                      "user cache, or a download into the cache)")
+    p.add_argument("--data-dir", help="folder with the four IDX files (default: $NPRUNE_DATA_DIR, "
+                                      "else the user cache, else a download into the cache)")
     p.add_argument("--no-download", action="store_true", help="never download the data set")
 
 
@@ -74,23 +108,36 @@ def given(args, names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+#: Bounds of --seeds: a seed seeds numpy's generators (below 2**32), and a command runs at most
+#: MAX_SEEDS of them (more is a typo, and refusing it must not first build the list).
+MAX_SEED = 2 ** 32 - 1
+MAX_SEEDS = 10_000
+SEEDS_FORMS = ("a count >= 1 (e.g. 3 for seeds 0,1,2), a list (0,3,7) or a range (4-4 for seed 4 "
+               f"alone), with seeds 0..{MAX_SEED} and at most {MAX_SEEDS:,} of them")
+
+
 def _parse_seeds(text: str) -> list[int]:
-    """``3`` -> [0, 1, 2]; ``0,3,7`` -> those seeds; ``2-4`` -> [2, 3, 4] (parts may be mixed)."""
+    """``3`` -> [0, 1, 2]; ``0,3,7`` -> those seeds; ``2-4`` -> [2, 3, 4] (parts may be mixed).
+    Anything else, or out of bounds, is a UsageError whose one line shows the forms."""
+    bad = UsageError(f"--seeds must be {SEEDS_FORMS}; got {text[:40]!r}")
     try:
         if text.strip().isdigit():
             n = int(text)
-            if n < 1:
-                raise UsageError(f"--seeds: need at least one seed, got {text!r}")
+            if not 1 <= n <= MAX_SEEDS:
+                raise bad
             return list(range(n))
-        out = []
+        spans = []
         for part in text.split(","):
             a, sep, b = part.strip().partition("-")
-            out += range(int(a), int(b) + 1) if sep else [int(a)]
-    except ValueError:
-        raise UsageError(f"--seeds: expected a count (3) or a list (0,1,2 or 0-4), got {text!r}") from None
-    if not out:
-        raise UsageError(f"--seeds: no seeds in {text!r}")
-    return sorted(set(out))
+            lo, hi = int(a), int(b) if sep else int(a)
+            if not 0 <= lo <= hi <= MAX_SEED or hi - lo >= MAX_SEEDS:
+                raise bad
+            spans.append((lo, hi))
+    except ValueError:   # not digits, or more digits than int() converts
+        raise bad from None
+    if sum(hi - lo + 1 for lo, hi in spans) > MAX_SEEDS:
+        raise bad
+    return sorted({s for lo, hi in spans for s in range(lo, hi + 1)})
 
 
 def _parse_layer_rates(text: str) -> dict:
@@ -116,25 +163,86 @@ def _parse_strategies(text: str) -> list[str]:
     return strategies
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+#: The subcommands, each with its one line in ``--help``; ``run`` is the default.
+COMMANDS = {
+    "run": "(the default) prune by magnitude round after round and write tables and plots",
+    "report": "rebuild the tables and plots of run folders from their saved files",
+    "train": "train one dense network and print its accuracy per epoch",
+    "presets": "list the presets and what they set",
+    "calibrate": "measure the --kernel auto thresholds on this machine (python -m "
+                 "nprune.kernels.calibrate calibrate)",
+    "show": "print the --kernel auto thresholds in use (python -m nprune.kernels.calibrate show)",
+}
+KERNEL_COMMANDS = ("calibrate", "show")   # handed whole to nprune.kernels.calibrate.main
+
+
+def _parse_plot_format(text: str) -> str:
+    fmts = [f.strip() for f in text.split(",") if f.strip()]
+    if not fmts or any(f not in PLOT_FORMATS for f in fmts):
+        raise UsageError(f"--plot-format must be {', '.join(PLOT_FORMATS)} or a comma-separated "
+                         f"list of them (png,pdf); got {text!r}")
+    return ",".join(dict.fromkeys(fmts))
+
+
+def add_plot_format_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plot-format", type=_parse_plot_format, default="png",
+                   help=f"file format(s) of the plots: {', '.join(PLOT_FORMATS)}, or several "
+                        "comma-separated (png,pdf)")
+
+
+def build_main_parser() -> argparse.ArgumentParser:
+    """The whole command line: one subparser per entry of :data:`COMMANDS` (``.commands`` maps
+    each name to its parser)."""
+    top = _Parser(
         prog="python -m nprune.experiment",
+        usage="%(prog)s [run] [RUN FLAGS]\n       %(prog)s {" + ",".join(c for c in COMMANDS if c != "run")
+              + "} ...",
         description="Lottery-ticket experiments: train, prune by magnitude, reset the survivors "
-                    f"({' / '.join(STRATEGIES)}), repeat; write tables and plots. "
-                    "Subcommands: 'report RUN_DIR...' rebuilds tables and plots from saved files; "
-                    "'train --net NET --epochs N' trains one dense network; 'presets' lists the presets.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    f"({' / '.join(STRATEGIES)}), repeat; write tables and plots. Without a "
+                    "command, the flags are run's. '%(prog)s COMMAND --help' describes a command.")
+    sub = top.add_subparsers(dest="command", title="commands", metavar="{" + ",".join(COMMANDS) + "}")
+    top.commands = {}
+    for name, about in COMMANDS.items():
+        top.commands[name] = sub.add_parser(
+            name, help=about, description=about.removeprefix("(the default) ").capitalize() + ".",
+            formatter_class=_HelpFormatter, add_help=name not in KERNEL_COMMANDS,
+            prog=f"{top.prog} [run]" if name == "run" else None)
+    _add_run_flags(top.commands["run"])
+    _add_report_flags(top.commands["report"])
+    _add_train_flags(top.commands["train"])
+    for name in KERNEL_COMMANDS:
+        top.commands[name].add_argument("args", nargs=argparse.REMAINDER,
+                                        help=f"see python -m nprune.kernels.calibrate {name} --help")
+    return top
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``run`` (the default command)."""
+    return build_main_parser().commands["run"]
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    plan = PRESETS["default"]
     p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="starting recipe; every value can be overridden by the flags below")
-    p.add_argument("--net", choices=[*nets.NETS, "both"], help="network(s) to prune (preset's by default)")
+                   help="starting recipe; every value can be overridden by the flags below "
+                        "(see the presets command)")
+    p.add_argument("--net", choices=[*nets.NETS, "both"],
+                   help=f"network(s) to prune (default: the preset's; for default, {' and '.join(plan['nets'])})")
     p.add_argument("--strategies", help="comma-separated reset strategies; the survivors start from "
-                   + "; ".join(f"{name}: {s.about}" for name, s in STRATEGIES.items()))
-    p.add_argument("--rounds", type=int, help="pruning rounds after the dense round 0")
+                   + "; ".join(f"{name}: {s.about}" for name, s in STRATEGIES.items())
+                   + f" (default: the preset's; for default, {','.join(plan['strategies'])})")
+    p.add_argument("--rounds", type=int, help=f"pruning rounds after the dense round 0 ({preset_default('rounds')})")
     p.add_argument("--rate", type=float, help="fraction of survivors pruned per round in hidden fc "
-                                              "layers; conv and output layers get half")
-    p.add_argument("--layer-rates", help="explicit per-layer rates, e.g. fc1=0.2,fc2=0.2,fc3=0.1")
+                                              "layers; conv and output layers get half "
+                                              f"({preset_default('rate')})")
+    p.add_argument("--layer-rates", help="explicit per-layer rates, e.g. fc1=0.2,fc2=0.2,fc3=0.1 "
+                                         "(default: none; the layers follow --rate)")
     add_recipe_flags(p, RUN_FIELDS)
-    p.add_argument("--seeds", help="number of seeds (3 -> 0,1,2) or a list (0,3,7 or 0-4)")
+    p.add_argument("--seeds", help="a count (3 -> seeds 0,1,2), a list (0,3,7) or a range (0-4) "
+                                   f"(default: the preset's; for default, {len(plan['seeds'])}: seed "
+                                   + ",".join(map(str, plan["seeds"])) + ")")
     add_data_flags(p)
     p.add_argument("--out", default="runs", help="folder that receives one sub-folder per run")
     p.add_argument("--jobs", type=int, default=1, help="independent trainings run side by side; "
@@ -142,12 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", choices=KERNELS, default="auto",
                    help="layer kernels: dense (masked dense GEMMs), sparse (always the sparse "
                         "kernels) or auto (per layer, the sparse kernel where the mask's density is "
-                        "below the thresholds measured for its shape and batch size; see python -m "
-                        "nprune.kernels.calibrate --help). A run folder keeps the thresholds of its first run "
+                        "below the thresholds measured for its shape and batch size; see the "
+                        "calibrate command). A run folder keeps the thresholds of its first run "
                         "(kernel_thresholds.json), so a resumed run makes the same choices; the "
                         "kernel is not part of the recipe hash")
+    add_plot_format_flag(p)
+    p.add_argument("--print-tables", action="store_true",
+                   help="also print each run's summary.md tables on stdout (before the paths)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return p
 
 
 def resolve(args) -> list[dict]:
@@ -168,50 +278,52 @@ def resolve(args) -> list[dict]:
     return jobs
 
 
-def cmd_report(argv) -> int:
-    from .report import write_report
-    p = _Parser(prog="python -m nprune.experiment report",
-                description="Rebuild results.csv, curves.csv, summary.md and the plots of run "
-                            "folders from their saved files.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    args = p.parse_args(argv)
+def _add_report_flags(p: argparse.ArgumentParser) -> None:
+    p.description = ("Rebuild results.csv, curves.csv, summary.md and the plots of run folders "
+                     "from their saved files.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run folder (runs/lenet300-...)")
+    add_plot_format_flag(p)
+
+
+def cmd_report(args) -> int:
     for d in args.run_dirs:
-        info = write_report(d)
+        info = write_report(d, plot_format=args.plot_format)
         print(f"{d}: {info['rows']} rounds")
         for f in info["files"]:
             print(f"  {f}")
     return 0
 
 
-def cmd_train(argv) -> int:
-    """Train one dense network and print validation/test accuracy after every epoch."""
-    import numpy as np
-    from ..data.datasets import load_dataset, prepare
-    from ..training import train
-    from .report import train_summary_markdown
-    p = _Parser(prog="python -m nprune.experiment train",
-                description="Train one dense network (no pruning) and print its accuracy per epoch. "
-                            "Defaults: " + "; ".join(
-                                f"{net}: " + ", ".join(f"{k} {v}" for k, v in opt.items())
-                                for net, opt in NET_OPTIMIZER.items()) + ".",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--net", choices=list(nets.NETS), default="lenet300")
-    p.add_argument("--epochs", type=int, default=10)
-    add_recipe_flags(p, TRAIN_CMD_FIELDS)
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.description = ("Train one dense network (no pruning) and print its accuracy per epoch, then "
+                     "the test accuracy at the evaluation of minimum validation loss (the early "
+                     "stop). Defaults: " + "; ".join(
+                         f"{net}: " + ", ".join(f"{k} {v}" for k, v in opt.items())
+                         for net, opt in NET_OPTIMIZER.items()) + ".")
+    p.add_argument("--net", choices=list(nets.NETS), default="lenet300", help="network to train")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
+    add_recipe_flags(p, TRAIN_CMD_FIELDS, net_default)
     p.add_argument("--seed", type=int, default=0, help="the seed of a single run")
     p.add_argument("--seeds", help="run several seeds one after another and end with a table and "
-                                   "their mean: a count (5 -> 0..4) or a list (0,3,7 or 0-4); "
-                                   "overrides --seed")
+                                   "their mean: a count (5 -> 0..4), a list (0,3,7) or a range "
+                                   "(0-4); overrides --seed")
     p.add_argument("--json", metavar="PATH",
                    help="also write every run's settings, curves and early-stop figures to this "
                         "JSON file (atomically)")
     add_data_flags(p)
     p.add_argument("--kernel", choices=KERNELS, default="auto",
-                   help="layer kernels (see the main command's --help)")
+                   help="layer kernels (see run --help)")
     p.add_argument("--evals-per-epoch", type=int, default=5,
                    help="evaluations on validation and test per epoch; the early stop is the "
                         "evaluation of minimum validation loss")
-    a = p.parse_args(argv)
+
+
+def cmd_train(a) -> int:
+    """Train one dense network and print validation/test accuracy after every evaluation."""
+    import numpy as np
+    from ..data.datasets import load_dataset, prepare
+    from ..training import train
+    from .report import train_summary_markdown
     seeds = [a.seed] if a.seeds is None else _parse_seeds(a.seeds)
     if a.json is not None:   # fail before hours of training, not after
         jp = Path(a.json)
@@ -245,9 +357,10 @@ def cmd_train(argv) -> int:
                   f"{100 * r.val_acc[-1]:.2f} | {100 * r.test_acc[-1]:.2f} | {time.perf_counter() - t0:.1f} |",
                   flush=True)
         res, _ = train(model, data, cfg, np.random.default_rng([seed, 1, 0]), progress=show)
-        print(f"best test accuracy {100 * max(res.test_acc):.2f}% ; at early stop (min val loss, iteration "
-              f"{res.early_stop_iter}) {100 * res.early_stop_test_acc:.2f}% ; final {100 * res.final_test_acc:.2f}% ; "
-              f"training {res.seconds:.1f}s", flush=True)
+        # the early stop is the result; the maximum over evaluations would be selected on the test set
+        print(f"early stop (min val loss, iteration {res.early_stop_iter}): test accuracy "
+              f"{100 * res.early_stop_test_acc:.2f}% ; final (iteration {cfg.iterations}): "
+              f"{100 * res.final_test_acc:.2f}% ; training {res.seconds:.1f}s", flush=True)
         runs.append({"seed": seed, "result": res.to_dict()})
         if a.json:   # rewritten after every seed, so an interrupted series keeps what it finished
             _write_train_json(a.json, {
@@ -267,7 +380,7 @@ def _write_train_json(path, record: dict) -> None:
         raise DataError(f"--json {path}: cannot write ({err.strerror or err})") from None
 
 
-def cmd_presets() -> int:
+def cmd_presets(args) -> int:
     for name, p in PRESETS.items():
         print(f"{name}: {p['about']}")
         for net, fields in p["nets"].items():
@@ -275,33 +388,44 @@ def cmd_presets() -> int:
     return 0
 
 
-def cmd_run(argv) -> int:
-    args = build_parser().parse_args(argv)
+def cmd_run(args) -> int:
     jobs = resolve(args)
     out = Path(args.out)
     from ..data.datasets import load_dataset
-    from .report import write_report
     # --kernel auto: a bad thresholds table (the run folder's or the user's) is reported now
+    to_go = 0
     for job in jobs:
         imp = IMP(job["recipe"], out / job["recipe"].folder_name(), kernel=args.kernel)
         imp.kernel_thresholds(save=False)
+        to_go += remaining_iterations(imp, job)
     # find (or download) and verify the data before anything is written
     for dataset in dict.fromkeys(job["recipe"].dataset for job in jobs):
         load_dataset(dataset, data_dir=args.data_dir, download=not args.no_download)
+    clock = Clock(to_go)   # every run of the command: one ETA on the progress lines
     done = []
-    t0 = time.perf_counter()
     for job in jobs:
-        run_dir = run_job(job, out, args.data_dir, not args.no_download, args.jobs, args.quiet, args.kernel)
-        info = write_report(run_dir)
-        done.append((run_dir, info))
-    print(f"finished in {hms(time.perf_counter() - t0)}")
+        run_dir = run_job(job, out, args.data_dir, not args.no_download, args.jobs, args.quiet,
+                          args.kernel, clock)
+        done.append((run_dir, write_report(run_dir, plot_format=args.plot_format)))
+    if not args.quiet:
+        print(f"finished in {hms(clock.elapsed())}", file=sys.stderr, flush=True)
+    if args.print_tables:
+        for run_dir, _ in done:
+            print((run_dir / "summary.md").read_text())
+    # the last lines: where the results are
     for run_dir, info in done:
-        print(f"{run_dir}: table {run_dir / 'summary.md'}, plots "
-              + ", ".join(str(f) for f in info["files"] if str(f).endswith(".png")))
-    for run_dir, _ in done:
-        print()
-        print((run_dir / "summary.md").read_text())
+        print(run_dir / "summary.md")
+        for f in info["files"]:
+            if Path(f).suffix[1:] in PLOT_FORMATS:
+                print(f)
     return 0
+
+
+def _print_help(top: argparse.ArgumentParser) -> None:
+    """``--help`` without a command: the commands, then the flags of run (the default)."""
+    print(top.format_help())
+    print("run (the default command):")
+    print(top.commands["run"].format_help())
 
 
 def main(argv=None) -> int:
@@ -309,20 +433,26 @@ def main(argv=None) -> int:
     from ..data.datasets import DataError
     from ..training import DivergenceError
     try:
-        if argv and argv[0] == "report":
-            return cmd_report(argv[1:])
-        if argv and argv[0] == "presets":
-            return cmd_presets()
-        if argv and argv[0] == "train":
-            return cmd_train(argv[1:])
-        return cmd_run(argv)
+        if argv and argv[0] in KERNEL_COMMANDS:
+            from ..kernels.calibrate import main as kernels_main
+            return kernels_main(argv)
+        top = build_main_parser()
+        if argv and argv[0] in ("-h", "--help"):
+            _print_help(top)
+            return 0
+        if not argv or argv[0] not in COMMANDS:
+            argv = ["run", *argv]
+        args = top.parse_args(argv)
+        return {"run": cmd_run, "report": cmd_report, "train": cmd_train,
+                "presets": cmd_presets}[args.command](args)
     except ConfigError as e:
         print(f"nprune: error: {usage_message(e)}", file=sys.stderr)
         return 2
-    except (UsageError, ThresholdsError) as e:
+    except (UsageError, ThresholdsError, DataError) as e:
+        # DataError: the data the command was pointed at (a folder, a data set) is not usable
         print(f"nprune: error: {e}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError, ValueError, DivergenceError) as e:
+    except (FileNotFoundError, ValueError, DivergenceError) as e:
         print(f"nprune: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -10,27 +10,56 @@ def hms(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+class Clock:
+    """Training iterations done and to do across a whole command (every net, seed, strategy and
+    round it still has to run; rounds already on disk are not counted), and the ETA they give at
+    the rate measured so far. One clock is shared by the progress lines of all the command's runs."""
+
+    def __init__(self, total_iterations: int, done: int = 0, start: float | None = None):
+        self.total = max(0, total_iterations)
+        self.done = done   # iterations of finished trainings
+        self.start = time.time() if start is None else start   # wall clock: the same in every process
+
+    def state(self) -> tuple:
+        """``(total, done, start)``: a copy made by ``Clock(*state)`` in a --jobs worker carries on
+        from here (it misses only the rounds other workers finish meanwhile)."""
+        return self.total, self.done, self.start
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def eta(self, current: int = 0) -> str:
+        """The time left once ``current`` more iterations (of a training under way) are done."""
+        done = self.done + current
+        if done == 0:
+            return "?"
+        return hms(self.elapsed() / done * max(0, self.total - done))
+
+
 class Progress:
     """Progress lines on stderr: round, strategy, seed, iteration, accuracy, elapsed and ETA.
 
-    The ETA counts the training iterations still to run in this process (rounds already on disk are
-    not counted) at the rate measured so far."""
+    Elapsed time and ETA are the ``clock``'s (the whole command's); without one, a clock of
+    ``total_iterations``; with neither, no ETA."""
 
-    def __init__(self, net: str, total_iterations: int, quiet: bool = False, every: float = 5.0,
-                 stream=None):
-        self.net, self.total, self.quiet, self.every = net, max(1, total_iterations), quiet, every
+    def __init__(self, net: str, total_iterations: int | None = None, quiet: bool = False,
+                 every: float = 5.0, stream=None, clock: Clock | None = None):
+        self.net, self.quiet, self.every = net, quiet, every
+        self.clock = clock or (Clock(total_iterations) if total_iterations is not None else None)
         self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
-        self.done_before = 0   # iterations of finished trainings
         self.current = 0
         self.last = 0.0
 
-    def _eta(self) -> str:
-        done = self.done_before + self.current
-        el = time.perf_counter() - self.t0
-        if done == 0:
-            return "?"
-        return hms(el / done * max(0, self.total - done))
+    @property
+    def done_before(self) -> int:
+        """Iterations of the trainings finished so far (by the whole command, with a shared clock)."""
+        return self.clock.done if self.clock else 0
+
+    def _times(self) -> str:
+        if self.clock is None:
+            return f"elapsed {hms(time.perf_counter() - self.t0)}"
+        return f"elapsed {hms(self.clock.elapsed())} eta {self.clock.eta(self.current)}"
 
     def __call__(self, event: str, **k) -> None:
         if event == "start":
@@ -45,10 +74,10 @@ class Progress:
                 self.last = now
                 self._print(f"[{self.net} seed {k['seed']} {k['strategy']} round {k['round']}] "
                             f"it {k['iteration']}/{k['total']} val {100 * k['val_acc']:.2f}% "
-                            f"test {100 * k['test_acc']:.2f}% elapsed "
-                            f"{hms(time.perf_counter() - self.t0)} eta {self._eta()}")
+                            f"test {100 * k['test_acc']:.2f}% {self._times()}")
         elif event == "done":
-            self.done_before += self.current
+            if self.clock:
+                self.clock.done += self.current
             self.current = 0
             m = k["metrics"]
             self._print(f"[{self.net} seed {k['seed']} {k['strategy']} round {k['round']}] done in "

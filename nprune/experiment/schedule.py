@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 from .config import Recipe
 from .imp import IMP
-from .progress import Progress, hms
+from .progress import Clock, Progress, hms
 
 
-def _remaining_iterations(imp: IMP, job: dict) -> int:
+def remaining_iterations(imp: IMP, job: dict) -> int:
+    """Training iterations of ``job`` not on disk yet: every unfinished round, dense round 0 included."""
     r = job["recipe"]
     n = 0
     for s in job["seeds"]:
@@ -37,14 +37,16 @@ _WORKER_DATA: dict = {}   # a worker process loads the data once and keeps it fo
 
 def _task(payload) -> tuple:
     """Worker entry for --jobs: one round, ``(seed, "dense", 0)`` or ``(seed, strategy, r)``, whose
-    previous round is finished. Returns ``(seed, strategy, r, finished, diverged)``."""
-    recipe, run_dir, seed, strategy, r, data_dir, download, quiet, kernel = payload
+    previous round is finished; ``clock`` is the command's :meth:`Clock.state` when the round was
+    handed out, so the worker's progress lines show the command's ETA. Returns
+    ``(seed, strategy, r, finished, diverged)``."""
+    recipe, run_dir, seed, strategy, r, data_dir, download, quiet, kernel, clock = payload
     key = (recipe.dataset, recipe.n_val, data_dir)
     if key not in _WORKER_DATA:
         _WORKER_DATA.clear()
         _WORKER_DATA[key] = _load_data(recipe, data_dir, download)
     imp = IMP(recipe, run_dir, _WORKER_DATA[key], kernel=kernel)
-    imp.progress = Progress(recipe.net, recipe.train.iterations, quiet)
+    imp.progress = Progress(recipe.net, quiet=quiet, clock=Clock(*clock))
     if strategy == "dense":
         last = imp.run_dense(seed)
     else:   # rounds < r are on disk: this runs round r only (or stops early, as a resume would)
@@ -53,31 +55,34 @@ def _task(payload) -> tuple:
     return seed, strategy, r, done, done and bool(last.get("diverged"))
 
 
-def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bool, kernel) -> Path:
-    """Run (or resume) ``job`` in its run folder below ``out``; ``jobs`` > 1 uses worker processes."""
+def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bool, kernel,
+            clock: Clock | None = None) -> Path:
+    """Run (or resume) ``job`` in its run folder below ``out``; ``jobs`` > 1 uses worker processes.
+    ``clock`` counts the iterations of the whole command (default: this job's alone) for the ETA."""
     recipe = job["recipe"]
     run_dir = out / recipe.folder_name()
     imp = IMP(recipe, run_dir, kernel=kernel)
     imp.write_settings(recipe.to_dict(), {"strategies": job["strategies"], "rounds": job["rounds"],
                                           "seeds": job["seeds"], "kernel": kernel})
     imp.kernel_thresholds()   # auto: saved in the run folder by its first run, reused afterwards
-    total = _remaining_iterations(imp, job)
+    total = remaining_iterations(imp, job)
     if not quiet:
         print(f"run folder: {run_dir} ({total} training iterations to go)", file=sys.stderr, flush=True)
     if total == 0:
         return run_dir
+    clock = clock or Clock(total)
     if jobs <= 1:
         imp.data = _load_data(recipe, data_dir, download)
-        imp.progress = Progress(recipe.net, total, quiet)
+        imp.progress = Progress(recipe.net, quiet=quiet, clock=clock)
         for s in job["seeds"]:
             for st in job["strategies"]:
                 imp.run_strategy(s, st, job["rounds"])
         return run_dir
-    _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel)
+    _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel, clock)
     return run_dir
 
 
-def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel) -> None:
+def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel, clock: Clock) -> None:
     """Run the job's rounds on ``jobs`` worker processes, one round per task.
 
     A seed's dense round 0 comes first; each (seed, strategy) chain then runs its rounds in order,
@@ -103,7 +108,6 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel)
             ready.update(chains)
         else:
             ready[(s, "dense")], waiting[s] = 0, chains
-    total = _remaining_iterations(imp, job)
 
     def rounds_left(key):   # the scheduling priority; ties go to the earlier seed
         if key[1] == "dense":
@@ -111,7 +115,6 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel)
         return rounds - ready[key] + 1, -seeds.index(key[0])
 
     common = (data_dir, download, quiet, kernel)
-    t0, done_it = time.perf_counter(), 0
     for k in saved:
         os.environ[k] = threads
     pool = None
@@ -122,13 +125,13 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel)
             while ready and len(running) < jobs:
                 key = max(ready, key=rounds_left)
                 r = ready.pop(key)
-                fut = pool.submit(_task, (recipe, run_dir, key[0], key[1], r) + common)
+                fut = pool.submit(_task, (recipe, run_dir, key[0], key[1], r) + common + (clock.state(),))
                 running[fut] = key
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
                 key = running.pop(fut)
                 s, st, r, ok, diverged = fut.result()   # a worker's exception is raised here
-                done_it += recipe.train.iterations
+                clock.done += recipe.train.iterations
                 if st == "dense":
                     chains = waiting.pop(s)
                     if ok and not diverged:
@@ -136,11 +139,10 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel)
                 elif ok and not diverged and r < rounds:
                     ready[key] = r + 1
                 if not quiet:
-                    el = time.perf_counter() - t0
-                    eta = el / done_it * max(0, total - done_it)
                     name = "dense round 0" if st == "dense" else f"{st} round {r}"
-                    print(f"finished: {recipe.net} seed {s} {name} ({done_it}/{total} iterations, "
-                          f"elapsed {hms(el)}, eta {hms(eta)})", file=sys.stderr, flush=True)
+                    print(f"finished: {recipe.net} seed {s} {name} ({clock.done}/{clock.total} "
+                          f"iterations of the command, elapsed {hms(clock.elapsed())}, eta "
+                          f"{clock.eta()})", file=sys.stderr, flush=True)
     except BaseException:
         # Ctrl-C (the workers ignore it) or a worker's error: stop the rounds in flight at once.
         # Their files are written atomically, so a stopped round leaves nothing half-written.
