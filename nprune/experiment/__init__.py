@@ -5,6 +5,8 @@
     python -m nprune.experiment --preset lth --seeds 3 --rounds 10 --jobs 2
     python -m nprune.experiment report runs/lenet300-1a2b3c4d5e
     python -m nprune.experiment presets               # list presets and what they set
+    python -m nprune.experiment train --net lenet5    # one dense network, accuracy per epoch
+    python -m nprune.experiment calibrate | show      # the auto kernel's thresholds
 
 Every finished round is saved at once (atomically); rerunning the same command resumes.
 """
