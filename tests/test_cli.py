@@ -360,7 +360,7 @@ def test_one_clock_counts_every_net_of_the_command(tmp_path, monkeypatch):
         seen.append((job, rest[-1]))
         return tmp_path
     monkeypatch.setattr(cli, "run_job", fake_run_job)
-    monkeypatch.setattr(cli, "_write_report", lambda d, fmt: {"files": []})
+    monkeypatch.setattr(cli, "write_report", lambda d, plot_format: {"files": []})
     monkeypatch.setattr("nprune.data.datasets.load_dataset", lambda *a, **k: None)
     assert main(["--seeds", "2", "--out", str(tmp_path), "--quiet"]) == 0
     assert [j["recipe"].net for j, _ in seen] == ["lenet300", "lenet5"]
