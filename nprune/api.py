@@ -8,6 +8,7 @@ layer name (``"fc1"``) stands for its prunable weight, a parameter name (``"fc1.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import numpy as np
 
@@ -60,9 +61,15 @@ def train(model: Sequential, data: Splits, iterations: int = 2000, seed: int = 0
 
 
 def _rates_by_parameter(model: Sequential, rates) -> dict[str, float]:
-    if isinstance(rates, (int, float)):
+    if isinstance(rates, numbers.Real):
         return {name: float(rates) for name in model.prunable()}
-    return {model.prunable_name(name): float(r) for name, r in dict(rates).items()}
+    out: dict[str, float] = {}
+    for name, r in dict(rates).items():
+        pname = model.prunable_name(name)
+        if pname in out:
+            raise ValueError(f"two rates for {pname} ({name!r} names it again)")
+        out[pname] = float(r)
+    return out
 
 
 def prune(model: Sequential, rates, scope: str = "layer",
@@ -78,7 +85,9 @@ def prune(model: Sequential, rates, scope: str = "layer",
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
     by_param = _rates_by_parameter(model, rates)
-    masks = _prune_masks(model.get_weights(), model.bool_masks(), by_param, scope, rng=rng)
+    masks = model.bool_masks()
+    named = {n: m for n, m in masks.items() if n in by_param}   # global: a threshold over these only
+    masks.update(_prune_masks(model.get_weights(), named, by_param, scope, rng=rng))
     model.set_masks(masks)
     return masks
 

@@ -68,15 +68,24 @@ class Sequential:
         of_layer = [p for p in names if p.split(".")[0] == name]
         if len(of_layer) == 1:
             return of_layer[0]
-        layers = [p.split(".")[0] for p in names]
+        if of_layer:
+            raise ValueError(f"layer {name!r} has several prunable weights; use one of {', '.join(of_layer)}")
+        layers = dict.fromkeys(p.split(".")[0] for p in names)
         raise ValueError(f"{name!r} names no prunable weight; use a layer name ({', '.join(layers)}) "
                          f"or a parameter name ({', '.join(names)})")
 
     def set_masks(self, masks: dict) -> None:
         """Install masks (bool or 0/1 arrays; 1 keeps, 0 prunes; None removes the mask) by layer or
-        parameter name (:meth:`prunable_name`); zeroes the pruned weights."""
+        parameter name (:meth:`prunable_name`); zeroes the pruned weights. Every name is checked
+        before any mask is installed."""
+        resolved: dict = {}
         for name, mask in masks.items():
-            layer, key = self._owner[self.prunable_name(name)]
+            pname = self.prunable_name(name)
+            if pname in resolved:
+                raise ValueError(f"two masks for {pname} ({name!r} names it again)")
+            resolved[pname] = mask
+        for pname, mask in resolved.items():
+            layer, key = self._owner[pname]
             layer.set_mask(key, mask)
 
     def bool_masks(self) -> dict[str, np.ndarray]:

@@ -92,3 +92,26 @@ def test_readme_api_example_runs(monkeypatch):
     assert m and float(m.group(1)) == pytest.approx(50.1, abs=0.05) and float(m.group(2)) > 90
     assert [line.split()[:2] for line in lines[1:]] == \
         [["dense", "0"], ["rewind", "1"], ["rewind", "2"], ["reinit", "1"], ["reinit", "2"]]
+
+
+def test_prune_names_are_checked_and_global_scope_stays_within_the_named_tensors():
+    net = nprune.build("lenet300", seed=0)
+    with pytest.raises(ValueError, match="two rates for fc1.W"):
+        nprune.prune(net, {"fc1": 0.5, "fc1.W": 0.1})
+    with pytest.raises(ValueError, match="two masks for fc1.W"):
+        net.set_masks({"fc1": None, "fc1.W": None})
+    masks = nprune.prune(net, {"fc1": 0.5}, scope="global")
+    assert masks["fc1.W"].sum() == 784 * 300 // 2
+    assert masks["fc2.W"].all() and masks["fc3.W"].all()          # not named: untouched
+    assert nprune.prune(net, np.float32(0.5))["fc3.W"].sum() == 500
+
+
+def test_imp_run_refuses_a_folder_of_another_recipe(tmp_path):
+    data = synthetic_splits()
+    r1 = nprune.recipe("lenet300", iterations=20, eval_every=10, n_val=200)
+    nprune.imp(r1, data, run_dir=tmp_path).run(seeds=[0], rounds=1)
+    r2 = nprune.recipe("lenet300", iterations=30, eval_every=10, n_val=200)
+    with pytest.raises(ValueError, match="another recipe"):
+        nprune.imp(r2, data, run_dir=tmp_path).run(seeds=[0], rounds=1)
+    with pytest.raises(ValueError, match="needs data"):
+        nprune.IMP(r1).run()

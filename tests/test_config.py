@@ -22,8 +22,8 @@ def test_recipe_hash_is_stable_and_ignores_plan():
         a.replace(net="vgg").validate()
 
 
-# The flat views and folder names below were computed with the code that wrote the existing run
-# folders; a recipe that hashes differently would start a new folder instead of resuming one.
+# Frozen values: a recipe that hashes differently would start a new run folder instead of resuming
+# the existing one, so changing them renames every run folder.
 DEFAULT_FLAT = {"net": "lenet300", "dataset": "mnist", "init": "glorot_normal", "optimizer": "adam",
                 "lr": 0.0012, "momentum": 0.0, "weight_decay": 0.0, "batch_size": 60,
                 "iterations": 2000, "eval_every": 100, "n_val": 5000,

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from nprune import nets
-from nprune.kernels import apply_kernel
 
 
 def test_lenet300_architecture():

@@ -30,13 +30,14 @@ import dataclasses
 import numpy as np
 
 from .. import nets
-from ..data.fsutil import atomic_save_npz, atomic_write_json, load_npz
+from ..data.fsutil import atomic_write_json
 from ..kernels import THRESHOLDS_FILE, active_thresholds, apply_kernel, load_thresholds
 from ..pruning import prune, sparsity_report
 from ..training import DivergenceError, train
 from .config import Recipe
 from .runs import RunFolder
 from .strategies import DATA, INIT, PRUNE, find_strategy, stream
+
 
 class IMP(RunFolder):
     """Runs, resumes and reads back the IMP trajectories of one recipe in the run folder ``run_dir``.
@@ -192,7 +193,6 @@ class IMP(RunFolder):
                 break
         return out
 
-
     def run(self, seeds=(0,), strategies=("rewind",), rounds: int = 3) -> list[dict]:
         """Run (or resume) every round of ``strategies`` for ``seeds`` one after another, and
         return every round's metrics (the dense round 0 of each seed first). Writes
@@ -200,6 +200,12 @@ class IMP(RunFolder):
         seeds, strategies = [int(s) for s in seeds], list(strategies)
         for name in strategies:
             find_strategy(name)
+        if self.data is None:
+            raise ValueError("IMP.run needs data: IMP(recipe, run_dir, data=nprune.load_data())")
+        saved = self.settings()
+        if saved is not None and saved.get("recipe") != self.recipe.to_dict():
+            raise ValueError(f"{self.dir / 'settings.json'} holds another recipe; its rounds are not "
+                             f"this recipe's: use another run folder")
         self.write_settings(self.recipe.to_dict(), {"strategies": strategies, "rounds": int(rounds),
                                                     "seeds": seeds, "kernel": self.kernel})
         rows = []

@@ -24,7 +24,6 @@ if not os.environ.get("MPLBACKEND"):
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
 
 from ..data.fsutil import atomic_open  # noqa: E402
 from .runs import by_strategy  # noqa: E402
