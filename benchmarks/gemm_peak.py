@@ -9,7 +9,6 @@ A GEMM ``(m, k) @ (k, n)`` counts ``2*m*k*n`` FLOPs.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np

@@ -151,10 +151,6 @@ class Layer:
         """Number of entries in the prunable parameters (weights), pruned or not."""
         return int(sum(self.params[k].size for k in self.prunable))
 
-    def n_params(self) -> int:
-        """Number of entries in all parameters (weights and biases)."""
-        return int(sum(v.size for v in self.params.values()))
-
     def _mask_to_apply(self, name: str):
         """:func:`mask_to_apply` of ``masks[name]``, decided once per mask object (masks are
         replaced, never edited in place, so a new object is a new decision)."""

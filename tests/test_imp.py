@@ -93,10 +93,8 @@ def _tree(root: Path) -> dict:
 
 
 def test_resume_after_interruption_gives_identical_files(tmp_path, synth):
-    full = _run(tmp_path, synth, rounds=3, sub="full")
+    _run(tmp_path, synth, rounds=3, sub="full")
     # interrupted: stop in the middle of round 2 of reinit, then run again
-    calls = {"n": 0}
-
     def boom(event, **k):
         if event == "eval" and k["strategy"] == "reinit" and k["round"] == 2:
             raise KeyboardInterrupt
