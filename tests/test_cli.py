@@ -20,25 +20,61 @@ from nprune.pruning import SCOPES
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--rounds", "-1"], "--rounds must be >= 0"),
+    (["--rounds", "-1"], "--rounds must be in [0, 1000]"),
     (["--rate", "1.5"], "--rate must be in (0, 1)"),
     (["--rate", "0"], "--rate must be in (0, 1)"),
     (["--net", "vgg"], "--net"),
     (["--strategies", "rewind,magic"], "unknown strategy 'magic'"),
     (["--seeds", "x"], "--seeds"),
-    (["--iterations", "0"], "--iterations must be > 0"),
+    (["--iterations", "0"], "--iterations must be in [1, 10000000]"),
     (["--layer-rates", "fc9=0.2"], "no prunable layer fc9"),
     (["--layer-rates", "fc1=2"], "rate for fc1 must be in (0, 1)"),
-    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--jobs", "0"], "--jobs must be in [1, 256]"),
     (["--bogus"], "unrecognized arguments"),
     (["train", "--evals-per-epoch", "0"], "--evals-per-epoch must be >= 1"),
-    (["train", "--epochs", "0"], "--epochs must be >= 1"),
+    (["train", "--epochs", "0"], "--epochs must be in [1, 10000]"),
+    # every numeric flag is finite and bounded, checked before any training or allocation
+    (["--lr", "inf"], "--lr must be > 0, got inf"),
+    (["--lr", "nan"], "--lr must be > 0, got nan"),
+    (["--weight-decay", "nan"], "--weight-decay must be in [0, 1), got nan"),
+    (["--weight-decay", "-1"], "--weight-decay must be in [0, 1), got -1.0"),
+    (["--finetune-lr-factor", "-1"], "--finetune-lr-factor must be in (0, 100], got -1.0"),
+    (["--batch-size", "100000000"], "--batch-size must be at most the 55000 training images left"),
+    (["--val", "10000", "--batch-size", "50001"], "--batch-size must be at most the 50000 training"),
+    (["--iterations", "99999999999"], "--iterations must be in [1, 10000000]"),
+    (["--rounds", "100000"], "--rounds must be in [0, 1000]"),
+    (["--jobs", "100000"], "--jobs must be in [1, 256]"),
+    (["--strategies", "rewind-to-3000", "--iterations", "100"],
+     "--strategies: rewind-to-3000 rewinds to iteration 3000, beyond the 100 training iterations"),
+    (["--strategies", "rewind,rewind-to-99999999999999"], "rewind-to-99999999999999 rewinds to"),
+    (["--layer-rates", "fc1=0.5,fc1=0.9"], "--layer-rates: fc1 is given twice"),
+    (["--layer-rates", "=0.5"], "--layer-rates: expected NAME=RATE"),
+    (["--out", ""], "--out: give a folder name (it is empty)"),
+    (["train", "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["train", "--epochs", "100000000"], "--epochs must be in [1, 10000]"),
 ])
 def test_flag_errors_are_one_line(args, needle, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("nprune: error:") and needle in err, err
     assert "Traceback" not in err
+
+
+def test_flag_errors_come_before_any_work(tmp_path, monkeypatch):
+    """A bad flag is refused before the data are loaded or a folder is made."""
+    import nprune.data.datasets as datasets
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    out = tmp_path / "o"
+    for args in (["--finetune-lr-factor", "-1"], ["--strategies", "rewind-to-3000", "--iterations", "10"],
+                 ["--batch-size", "100000000"]):
+        assert main([*args, "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_out_expands_the_home_folder(monkeypatch, tmp_path):
+    from nprune.experiment.cli import _out_folder
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _out_folder("~/runs") == tmp_path / "runs"
 
 
 def test_errors_from_a_real_process_have_no_traceback(tmp_path):
@@ -324,7 +360,7 @@ def test_no_help_says_default_none(command):
 
 def test_default_command_is_run_and_kernel_commands_delegate():
     r = run_cli("--preset", "seed", "--jobs", "2", "--net", "lenet300", "--rounds", "-1")
-    assert r.returncode == 2 and "--rounds must be >= 0" in r.stderr       # parsed as run flags
+    assert r.returncode == 2 and "--rounds must be in [0, 1000]" in r.stderr       # parsed as run flags
     r = run_cli("show")
     assert r.returncode == 0 and "source:" in r.stdout, r.stderr
     r = run_cli("calibrate", "--help")

@@ -64,7 +64,7 @@ def test_flat_fields_are_the_recipes_settings_once():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(iterations=0), "iterations must be > 0, got 0"),
+    (dict(iterations=0), "iterations must be in [1, 10000000], got 0"),
     (dict(batch_size=-1), "batch_size must be > 0, got -1"),
     (dict(eval_every=-1), "eval_every must be >= 0, got -1"),
     (dict(lr=0.0), "lr must be > 0, got 0.0"),
@@ -101,6 +101,6 @@ def test_preset_recipe_schedules():
     assert dict(r.prune.rates) == {"conv1": 0.15, "conv2": 0.15, "fc1": 0.25, "fc2": 0.15}
     r, _ = preset_recipe("seed", "lenet300")
     assert dict(r.prune.rates) == {"fc1": 0.09, "fc2": 0.09, "fc3": 0.09}
-    with pytest.raises(ConfigError, match="rounds must be >= 0"):
+    with pytest.raises(ConfigError, match=r"rounds must be in \[0, 1000\]"):
         preset_recipe("default", "lenet300", rounds=-1)
     assert PRESET_FIELDS == {"optimizer", "lr", "momentum", "batch_size", "iterations", "eval_every"}

@@ -108,6 +108,9 @@ def given(args, names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+MAX_JOBS = 256
+MAX_EPOCHS = 10_000
+
 #: Bounds of --seeds: a seed seeds numpy's generators (below 2**32), and a command runs at most
 #: MAX_SEEDS of them (more is a typo, and refusing it must not first build the list).
 MAX_SEED = 2 ** 32 - 1
@@ -144,11 +147,24 @@ def _parse_layer_rates(text: str) -> dict:
     out = {}
     for part in text.split(","):
         name, _, val = part.partition("=")
+        name = name.strip()
         try:
-            out[name.strip()] = float(val)
+            if not name:
+                raise ValueError
+            rate = float(val)
         except ValueError:
-            raise UsageError(f"--layer-rates: expected NAME=RATE[,NAME=RATE...], got {text!r}") from None
+            raise UsageError(f"--layer-rates: expected NAME=RATE[,NAME=RATE...], got {text[:60]!r}") from None
+        if name in out:
+            raise UsageError(f"--layer-rates: {name} is given twice")
+        out[name] = rate
     return out
+
+
+def _out_folder(text: str) -> Path:
+    """``--out``: a folder name, ``~`` expanded as for --data-dir; an empty name is refused."""
+    if not text.strip():
+        raise UsageError("--out: give a folder name (it is empty)")
+    return Path(text).expanduser()
 
 
 def _parse_strategies(text: str) -> list[str]:
@@ -268,12 +284,18 @@ def resolve(args) -> list[dict]:
         list(nets.NETS) if args.net == "both" else [args.net])
     strategies = preset["strategies"] if args.strategies is None else _parse_strategies(args.strategies)
     seeds = preset["seeds"] if args.seeds is None else _parse_seeds(args.seeds)
-    check(args.jobs, ">= 1", field_name="jobs")
-    layer_rates = _parse_layer_rates(args.layer_rates) if args.layer_rates else None
+    check(args.jobs, f"in [1, {MAX_JOBS}]", field_name="jobs")
+    layer_rates = _parse_layer_rates(args.layer_rates) if args.layer_rates is not None else None
+    _out_folder(args.out)
     jobs = []
     for net in wanted:
         recipe, rounds = preset_recipe(args.preset, net, given(args, RUN_FIELDS), args.rate,
                                        layer_rates, args.rounds)
+        for s in strategies:
+            try:
+                check_strategy(s, recipe.train)
+            except ValueError as e:
+                raise UsageError(f"--strategies: {e}") from None
         jobs.append({"recipe": recipe, "strategies": strategies, "rounds": rounds, "seeds": seeds})
     return jobs
 
@@ -324,13 +346,14 @@ def cmd_train(a) -> int:
     from ..data.datasets import load_dataset, prepare
     from ..training import train
     from .report import train_summary_markdown
+    check(a.seed, f"in [0, {MAX_SEED}]", field_name="seed")
     seeds = [a.seed] if a.seeds is None else _parse_seeds(a.seeds)
     if a.json is not None:   # fail before hours of training, not after
         jp = Path(a.json)
         if jp.is_dir() or not jp.parent.is_dir():
             raise UsageError(f"--json {a.json}: " + ("is a folder" if jp.is_dir() else
                                                      f"folder {jp.parent} does not exist"))
-    check(a.epochs, ">= 1", field_name="epochs")
+    check(a.epochs, f"in [1, {MAX_EPOCHS}]", field_name="epochs")
     check(a.evals_per_epoch, ">= 1", field_name="evals_per_epoch")
     # a recipe without pruning (no rates): only its net, data and training settings count here
     recipe = Recipe().replace(**{**NET_OPTIMIZER[a.net], **given(a, TRAIN_CMD_FIELDS), "net": a.net,
@@ -390,7 +413,7 @@ def cmd_presets(args) -> int:
 
 def cmd_run(args) -> int:
     jobs = resolve(args)
-    out = Path(args.out)
+    out = _out_folder(args.out)
     from ..data.datasets import load_dataset
     # --kernel auto: a bad thresholds table (the run folder's or the user's) is reported now
     to_go = 0

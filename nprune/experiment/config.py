@@ -28,6 +28,10 @@ from ..training import TrainConfig
 from .runs import json_ready, stable_hash
 
 RATE_RULE = "in (0, 1)"
+#: Upper bounds that catch typos before any allocation: 10 million iterations is ~4 days of
+#: LeNet-300-100 on 2 cores per round; 1,000 rounds at the smallest sensible rate leave no weights.
+MAX_ITERATIONS = 10_000_000
+MAX_ROUNDS = 1000
 
 
 class ConfigError(ValueError):
@@ -46,7 +50,10 @@ _OPS = {">": operator.gt, ">=": operator.ge}
 
 
 def satisfies(value, rule: str) -> bool:
-    """Whether ``value`` obeys ``rule`` (``"> 0"``, ``">= 1"``, ``"in (0, 1)"``, ``"in [0, 5000)"``)."""
+    """Whether ``value`` obeys ``rule`` (``"> 0"``, ``">= 1"``, ``"in (0, 1)"``, ``"in [0, 5000)"``).
+    NaN and infinities obey no rule."""
+    if not np.isfinite(value):
+        return False
     if rule.startswith("in "):
         lo, hi = (float(x) for x in rule[4:-1].split(","))
         above = lo <= value if rule[3] == "[" else lo < value
@@ -73,9 +80,10 @@ TRAIN_FIELDS = {
     "optimizer": {"help": "optimiser", "choices": tuple(sorted(OPTIMIZERS))},
     "lr": {"help": "learning rate", "rule": "> 0"},
     "momentum": {"help": "SGD momentum (Adam ignores it)", "rule": "in [0, 1)"},
-    "weight_decay": {"help": "L2 weight decay"},
-    "batch_size": {"help": "training examples per step", "rule": "> 0"},
-    "iterations": {"help": "training iterations per round", "rule": "> 0"},
+    "weight_decay": {"help": "L2 weight decay", "rule": "in [0, 1)"},
+    "batch_size": {"help": "training examples per step (at most the training images left after "
+                           "the validation split)", "rule": "> 0"},
+    "iterations": {"help": "training iterations per round", "rule": f"in [1, {MAX_ITERATIONS}]"},
     "eval_every": {"help": "evaluate on validation and test every N iterations", "rule": ">= 0"},
 }
 
@@ -112,7 +120,8 @@ class Recipe:
         "flag": "val", "rule": "in [0, {n_train})",
         "help": "validation images held out of the training set"})
     prune: PruneConfig = field(default_factory=PruneConfig)
-    finetune_lr_factor: float = field(default=0.1, metadata={"help": "finetune trains at lr times this"})
+    finetune_lr_factor: float = field(default=0.1, metadata={"help": "finetune trains at lr times this",
+                                                             "rule": "in (0, 100]"})
 
     def to_dict(self) -> dict:
         """The flat view: one key per entry of :data:`FIELDS`, JSON-ready (tuples as lists)."""
@@ -152,6 +161,10 @@ class Recipe:
             elif "rule" in spec.meta:
                 check(value, spec.meta["rule"].format(n_train=DATASETS[self.dataset].n_train),
                       field_name=name)
+        left = DATASETS[self.dataset].n_train - self.n_val
+        if self.train.batch_size > left:
+            raise ConfigError("batch_size", f"{{subject}} must be at most the {left} training images "
+                                            f"left after the validation split, got {self.train.batch_size}")
 
     def folder_name(self) -> str:
         return f"{self.net}-{stable_hash(self.to_dict())}"
@@ -283,7 +296,7 @@ def preset_recipe(preset: str, net: str, overrides: dict | None = None, rate: fl
     preset_rounds = base.pop("rounds")
     preset_rate, layer_rate = base.pop("rate", None), base.pop("layer_rate", None)
     if rounds is not None:
-        check(rounds, ">= 0", field_name="rounds")
+        check(rounds, f"in [0, {MAX_ROUNDS}]", field_name="rounds")
     if rate is not None:
         check(rate, RATE_RULE, field_name="rate")
         preset_rate, layer_rate = rate, None

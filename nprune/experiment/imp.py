@@ -36,7 +36,7 @@ from ..pruning import prune, sparsity_report
 from ..training import DivergenceError, train
 from .config import Recipe
 from .runs import RunFolder
-from .strategies import DATA, INIT, PRUNE, find_strategy, stream
+from .strategies import DATA, INIT, PRUNE, check_strategy, find_strategy, stream
 
 
 class IMP(RunFolder):
@@ -199,7 +199,7 @@ class IMP(RunFolder):
         ``settings.json`` (the recipe and this plan) first, as the command line does."""
         seeds, strategies = [int(s) for s in seeds], list(strategies)
         for name in strategies:
-            find_strategy(name)
+            check_strategy(name, self.recipe.train)
         if self.data is None:
             raise ValueError("IMP.run needs data: IMP(recipe, run_dir, data=nprune.load_data())")
         saved = self.settings()

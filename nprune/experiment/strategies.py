@@ -31,12 +31,21 @@ class Strategy:
     """One reset strategy. ``pattern`` matches its names (a regular expression whose groups are its
     integer arguments, e.g. K of ``rewind-to-K``); ``reset(imp, seed, round, previous final weights,
     *args)`` returns ``(start weights, lr factor)`` for the survivors; ``order`` places it in tables
-    and plots (then its arguments); ``color`` is its plot colour (None: one of the colour cycle)."""
+    and plots (then its arguments); ``color`` is its plot colour (None: one of the colour cycle);
+    ``check(train_config, *args)`` returns what is wrong with the arguments for a recipe, or None."""
     pattern: str
     about: str
     reset: Callable
     order: int
     color: str | None = None
+    check: Callable | None = None
+
+
+def _check_rewind_point(cfg, k: int) -> str | None:
+    if k > cfg.iterations:
+        return (f"rewinds to iteration {k}, beyond the {cfg.iterations} training iterations of a "
+                f"round (--iterations)")
+    return None
 
 
 STRATEGIES = {
@@ -50,7 +59,8 @@ STRATEGIES = {
                          "tab:green"),
     "rewind-to-K": Strategy(r"rewind-to-([0-9]+)", "their values after K iterations of the dense run "
                             "(e.g. rewind-to-500)",
-                            lambda imp, seed, r, prev, k: (imp.rewind_weights(seed, k), 1.0), 3),
+                            lambda imp, seed, r, prev, k: (imp.rewind_weights(seed, k), 1.0), 3,
+                            check=_check_rewind_point),
 }
 
 
@@ -63,9 +73,13 @@ def find_strategy(name: str) -> tuple[Strategy, tuple]:
     raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
 
 
-def check_strategy(name: str) -> str:
-    """Return ``name`` if it names a strategy of :data:`STRATEGIES`, else raise ValueError."""
-    find_strategy(name)
+def check_strategy(name: str, train_config=None) -> str:
+    """Return ``name`` if it names a strategy of :data:`STRATEGIES` whose arguments suit
+    ``train_config`` (a :class:`~nprune.training.TrainConfig`, when given), else raise ValueError."""
+    spec, args = find_strategy(name)
+    problem = spec.check(train_config, *args) if spec.check and train_config is not None else None
+    if problem:
+        raise ValueError(f"{name} {problem}")
     return name
 
 
