@@ -22,6 +22,7 @@ from .imp import IMP
 from .strategies import STRATEGIES, check_strategy
 from .progress import Clock, hms
 from .report import write_report
+from .runs import print_notice
 from .schedule import remaining_iterations, run_job
 
 
@@ -109,6 +110,8 @@ def given(args, names) -> dict:
 
 
 MAX_JOBS = 256
+#: Exit status of a run in which a chain of its plan diverged (its results are saved and marked).
+EXIT_DIVERGED = 3
 MAX_EPOCHS = 10_000
 
 #: Bounds of --seeds: a seed seeds numpy's generators (below 2**32), and a command runs at most
@@ -429,7 +432,9 @@ def cmd_run(args) -> int:
     for job in jobs:
         run_dir = run_job(job, out, args.data_dir, not args.no_download, args.jobs, args.quiet,
                           args.kernel, clock)
-        done.append((run_dir, write_report(run_dir, plot_format=args.plot_format)))
+        # rounds outside this command's plan that do not check out are named and left out
+        done.append((run_dir, write_report(run_dir, plot_format=args.plot_format, strict=False,
+                                           notice=print_notice)))
     if not args.quiet:
         print(f"finished in {hms(clock.elapsed())}", file=sys.stderr, flush=True)
     if args.print_tables:
@@ -441,6 +446,13 @@ def cmd_run(args) -> int:
         for f in info["files"]:
             if Path(f).suffix[1:] in PLOT_FORMATS:
                 print(f)
+    diverged = [f"{job['recipe'].net} seed {m['seed']} {m['strategy']} round {m['round']}"
+                for job, (_, info) in zip(jobs, done) for m in info["diverged"]
+                if m["seed"] in job["seeds"] and m["strategy"] in ("dense", *job["strategies"])]
+    if diverged:
+        print(f"nprune: diverged: {', '.join(diverged)} (see summary.md; the rule is in "
+              "nprune/training.py)", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 
@@ -479,7 +491,8 @@ def main(argv=None) -> int:
         print(f"nprune: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"nprune: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"nprune: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("nprune: interrupted; finished rounds are saved, rerun the same command to resume",

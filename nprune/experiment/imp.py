@@ -30,12 +30,12 @@ import dataclasses
 import numpy as np
 
 from .. import nets
-from ..data.fsutil import atomic_write_json
+from ..data.fsutil import CorruptFileError, atomic_write_json, remove_stale_temporaries
 from ..kernels import THRESHOLDS_FILE, active_thresholds, apply_kernel, load_thresholds
 from ..pruning import prune, sparsity_report
 from ..training import DivergenceError, train
 from .config import Recipe
-from .runs import RunFolder
+from .runs import METRICS, SETTINGS, RunFolder, RunFolderError, stable_hash
 from .strategies import DATA, INIT, PRUNE, check_strategy, find_strategy, stream
 
 
@@ -44,12 +44,15 @@ class IMP(RunFolder):
 
     ``run_dir=None`` keeps every file in memory (nothing is written). ``data`` is a Splits object
     (x_train, y_train, x_val, y_val, x_test, y_test); ``progress(event, **info)`` receives
-    ``"start"``/``"eval"``/``"done"`` events; ``kernel``: dense, sparse or auto (None: dense).
+    ``"start"``/``"eval"``/``"done"`` events; ``kernel``: dense, sparse or auto (None: dense);
+    ``notice(text)`` hears of each round found unfinished that had looked finished (a file missing,
+    damaged or edited), which is then computed again (None: silent).
     """
 
-    def __init__(self, recipe: Recipe, run_dir=None, data=None, progress=None, kernel: str | None = None):
+    def __init__(self, recipe: Recipe, run_dir=None, data=None, progress=None, kernel: str | None = None,
+                 notice=None):
         recipe.validate()
-        super().__init__(run_dir)
+        super().__init__(run_dir, recipe_hash=stable_hash(recipe.to_dict()), notice=notice)
         self.recipe = recipe
         self.data = data
         self.progress = progress
@@ -82,6 +85,31 @@ class IMP(RunFolder):
                 self._thresholds = table
         return self._thresholds
 
+    def prepare_folder(self, plan: dict) -> None:
+        """Before a run: remove the temporary files of killed writers, check ``settings.json``
+        against this recipe and write it with ``plan``. A folder named for this recipe
+        (:meth:`Recipe.folder_name`) whose settings.json was edited or damaged gets it written
+        again (``notice`` hears of it); any other folder holding another recipe is a RunFolderError."""
+        if self.in_memory:
+            self.write_settings(self.recipe.to_dict(), plan)
+            return
+        self._inside(self.dir / SETTINGS)
+        if self.dir.is_dir():
+            remove_stale_temporaries(self.dir)
+        try:
+            saved = self.settings()
+            problem = None if saved is None or (isinstance(saved, dict) and saved.get("recipe") ==
+                                                self.recipe.to_dict()) else "holds another recipe"
+        except CorruptFileError as e:
+            problem = str(e).replace(str(self.dir / SETTINGS) + ": ", "")
+        if problem:
+            if self.dir.name != self.recipe.folder_name():
+                raise RunFolderError(f"{self.dir / SETTINGS}: {problem}; its rounds are not this "
+                                     "recipe's: use another run folder")
+            self._tell(f"{self.rel(self.dir / SETTINGS)} {problem}, not the recipe its folder is "
+                       "named for; it is written again")
+        self.write_settings(self.recipe.to_dict(), plan)
+
     # ----- pieces --------------------------------------------------------------------------------
     def build(self, seed: int):
         model = nets.build(self.recipe.net, stream(seed, INIT), init=self.recipe.init)
@@ -90,19 +118,21 @@ class IMP(RunFolder):
         return model
 
     def init_weights(self, seed: int, model=None) -> dict:
+        """The original initialisation of ``seed`` (``init.npz``, made once and checked on reading)."""
         path = self.seed_dir(seed) / "init.npz"
-        if self.exists(path):
-            return self.load_arrays(path)
-        model = model or self.build(seed)
-        w = model.get_weights()
-        self.save_arrays(path, w)
+        w = self.load_recorded(path)
+        if w is None:
+            model = model or self.build(seed)
+            w = model.get_weights()
+            self.save_recorded(path, w)
         return w
 
     def rewind_weights(self, seed: int, k: int) -> dict:
         """Weights after ``k`` iterations of the dense run (cached as ``dense/rewind_<k>.npz``)."""
         path = self.seed_dir(seed) / "dense" / f"rewind_{k}.npz"
-        if self.exists(path):
-            return self.load_arrays(path)
+        w = self.load_recorded(path)
+        if w is not None:
+            return w
         model = self.build(seed)
         model.set_weights(self.init_weights(seed))
         if k > 0:
@@ -111,12 +141,15 @@ class IMP(RunFolder):
             w = snaps[k]
         else:
             w = model.get_weights()
-        self.save_arrays(path, w)
+        self.save_recorded(path, w)
         return w
 
     def _train_round(self, seed: int, strategy: str, r: int, model, start: dict, masks: dict,
                      lr_factor: float = 1.0) -> dict:
         rd = self.round_dir(seed, strategy, r)
+        self.forget(seed, strategy, r)
+        if not self.in_memory and (rd / METRICS).exists():   # a round that did not check out
+            (rd / METRICS).unlink()
         model.set_masks(masks)
         model.set_weights(start)
         cfg = self.recipe.train_config(lr_factor)
@@ -131,11 +164,11 @@ class IMP(RunFolder):
                 self.progress("eval", seed=seed, strategy=strategy if r else "dense", round=r,
                               iteration=it, total=total, val_acc=res.val_acc[-1],
                               test_acc=res.test_acc[-1])
+        files = {"masks.npz": self.save_arrays(rd / "masks.npz", {k: v.astype(bool) for k, v in masks.items()}),
+                 "start.npz": self.save_arrays(rd / "start.npz", model.get_weights())}
         metrics = {"seed": seed, "strategy": strategy if r else "dense", "round": r,
                    "weights": report, "percent_left": report["total"]["percent"],
-                   "lr": cfg.lr, "diverged": False}
-        self.save_arrays(rd / "masks.npz", {k: v.astype(bool) for k, v in masks.items()})
-        self.save_arrays(rd / "start.npz", model.get_weights())
+                   "lr": cfg.lr, "diverged": False, "files": files, "recipe_hash": self.recipe_hash}
         try:
             with np.errstate(over="ignore", invalid="ignore"):   # divergence is reported below
                 res, _ = train(model, self.data, cfg, stream(seed, DATA, r), progress=on_eval)
@@ -145,7 +178,7 @@ class IMP(RunFolder):
             if self.progress:
                 self.progress("diverged", seed=seed, strategy=strategy, round=r, error=str(e))
             return metrics
-        self.save_arrays(rd / "final.npz", model.get_weights())
+        files["final.npz"] = self.save_arrays(rd / "final.npz", model.get_weights())
         d = res.to_dict()
         seconds = d.pop("seconds")
         curves = {k: d.pop(k) for k in ("iterations", "train_loss", "val_loss", "val_acc",
@@ -154,6 +187,7 @@ class IMP(RunFolder):
         metrics["curves"] = curves
         self.save_json(rd / "timing.json", {"seconds": seconds})
         self.save_json(rd / "metrics.json", metrics)   # last: marks the round finished
+        self._checked[rd] = (metrics, None)
         if self.progress:
             self.progress("done", seed=seed, strategy=strategy if r else "dense", round=r,
                           metrics=metrics, seconds=seconds)
@@ -180,11 +214,11 @@ class IMP(RunFolder):
                 if out[-1].get("diverged"):
                     break
                 continue
-            prev = self.round_dir(seed, strategy, r - 1)
-            if out[-1].get("diverged") or not self.exists(prev / "final.npz"):
+            if out[-1].get("diverged"):
                 break
-            prev_final = self.load_arrays(prev / "final.npz")
-            prev_masks = self.load_arrays(prev / "masks.npz")
+            prev, digests = self.round_dir(seed, strategy, r - 1), out[-1]["files"]
+            prev_final = self.load_arrays(prev / "final.npz", digests["final.npz"])
+            prev_masks = self.load_arrays(prev / "masks.npz", digests["masks.npz"])
             masks = prune(prev_final, prev_masks, rates, self.recipe.prune.scope,
                           rng=stream(seed, PRUNE, r))
             start, lr_factor = spec.reset(self, seed, r, prev_final, *args)
@@ -202,12 +236,8 @@ class IMP(RunFolder):
             check_strategy(name, self.recipe.train)
         if self.data is None:
             raise ValueError("IMP.run needs data: IMP(recipe, run_dir, data=nprune.load_data())")
-        saved = self.settings()
-        if saved is not None and saved.get("recipe") != self.recipe.to_dict():
-            raise ValueError(f"{self.dir / 'settings.json'} holds another recipe; its rounds are not "
-                             f"this recipe's: use another run folder")
-        self.write_settings(self.recipe.to_dict(), {"strategies": strategies, "rounds": int(rounds),
-                                                    "seeds": seeds, "kernel": self.kernel})
+        self.prepare_folder({"strategies": strategies, "rounds": int(rounds), "seeds": seeds,
+                             "kernel": self.kernel})
         rows = []
         for seed in seeds:
             rows.append(self.run_dense(seed))

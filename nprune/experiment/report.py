@@ -87,7 +87,8 @@ def summary_markdown(rows: list, settings: dict | None = None, title: str = "") 
                 row += ["", "", ""]
                 continue
             ok = [m for m in ms if not m.get("diverged")]
-            row += [_cell([m["early_stop_test_acc"] for m in ok], 100),
+            mark = f" ({len(ms) - len(ok)} of {len(ms)} diverged)" if ok and len(ok) < len(ms) else ""
+            row += [_cell([m["early_stop_test_acc"] for m in ok], 100) + mark,
                     _cell([m["early_stop_iter"] for m in ok], 1, 0),
                     _cell([m["final_test_acc"] for m in ok], 100)]
         lines.append("| " + " | ".join(row) + " |")
@@ -100,7 +101,7 @@ def sparsity_markdown(groups: dict) -> list:
     """Weights left per layer and round (count and percent), for each strategy's first seed."""
     lines = []
     for s, rounds in groups.items():
-        firsts = [sorted(rounds[r], key=lambda m: m["seed"])[0] for r in sorted(rounds)]
+        firsts = [sorted(rounds[r], key=lambda m: m["seed"])[0] for r in sorted(rounds) if rounds[r]]
         if not firsts:
             continue
         layers = [k for k in firsts[0]["weights"] if k != "total"]
@@ -115,14 +116,16 @@ def sparsity_markdown(groups: dict) -> list:
     return lines
 
 
-def write_report(run_dir, plot_format: str = "png") -> dict:
+def write_report(run_dir, plot_format: str = "png", strict: bool = True, notice=None) -> dict:
     """Rebuild ``results.csv``, ``curves.csv``, ``summary.md`` and the plots of ``run_dir``, in each
     format of ``plot_format`` (``"png"``, ``"svg"``, ``"pdf"`` or a comma-separated combination).
+    Every round is checked first (:func:`nprune.experiment.runs.collect`): with ``strict`` a round
+    that does not check out is a RunFolderError; otherwise it is left out and ``notice`` hears of it.
     Returns ``{"rows": n, "files": [paths]}``; raises FileNotFoundError when nothing is finished."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
-    rows = collect(run_dir)
+    rows = collect(run_dir, strict=strict, notice=notice)
     if not rows:
         raise FileNotFoundError(f"{run_dir}: no finished round to report (no seed_*/…/metrics.json)")
     settings = RunFolder(run_dir).settings()
@@ -137,7 +140,8 @@ def write_report(run_dir, plot_format: str = "png") -> dict:
         files.append(run_dir / name)
     from .plots import all_plots   # matplotlib only when figures are drawn
     files += all_plots(rows, run_dir, run_dir.name, plot_format=plot_format, settings=settings)
-    return {"rows": len(rows), "files": files}
+    return {"rows": len(rows), "files": files,
+            "diverged": [{k: m[k] for k in ("seed", "strategy", "round")} for m in rows if m["diverged"]]}
 
 
 def train_summary_markdown(runs, per_epoch) -> str:

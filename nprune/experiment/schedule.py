@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import Recipe
 from .imp import IMP
 from .progress import Clock, Progress, hms
+from .runs import print_notice
 
 
 def remaining_iterations(imp: IMP, job: dict) -> int:
@@ -61,9 +62,9 @@ def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bo
     ``clock`` counts the iterations of the whole command (default: this job's alone) for the ETA."""
     recipe = job["recipe"]
     run_dir = out / recipe.folder_name()
-    imp = IMP(recipe, run_dir, kernel=kernel)
-    imp.write_settings(recipe.to_dict(), {"strategies": job["strategies"], "rounds": job["rounds"],
-                                          "seeds": job["seeds"], "kernel": kernel})
+    imp = IMP(recipe, run_dir, kernel=kernel, notice=print_notice)
+    imp.prepare_folder({"strategies": job["strategies"], "rounds": job["rounds"],
+                        "seeds": job["seeds"], "kernel": kernel})
     imp.kernel_thresholds()   # auto: saved in the run folder by its first run, reused afterwards
     total = remaining_iterations(imp, job)
     if not quiet:
