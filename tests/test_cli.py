@@ -457,3 +457,18 @@ def test_a_folder_of_the_other_data_set_names_both(tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
         assert "holds mnist, not fashion-mnist" in r.stderr and "verify" not in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_diverged_run_exits_3_with_one_line_naming_the_chain(tmp_path):
+    """--lr 1e6 blows Adam up to a finite but huge loss: the divergence rule catches it, the summary
+    marks it and the command ends with exit status 3 and one line."""
+    real_mnist()
+    r = run_cli("--net", "lenet300", "--lr", "1e6", "--iterations", "300", "--eval-every", "100",
+                "--rounds", "1", "--seeds", "1", "--strategies", "rewind", "--val", "1000",
+                "--kernel", "dense", "--quiet", "--out", str(tmp_path))
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("nprune: diverged: lenet300 seed 0 dense round 0")
+    assert "Traceback" not in r.stderr
+    run = next(tmp_path.glob("lenet300-*"))
+    assert "diverged" in (run / "summary.md").read_text()
+    assert "True" in (run / "results.csv").read_text().splitlines()[1]
