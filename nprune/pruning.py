@@ -88,6 +88,18 @@ def random_layerwise(masks: dict, rates: dict, rng: np.random.Generator) -> dict
     return out
 
 
+def random_like(masks: dict, rng: np.random.Generator) -> dict:
+    """Masks with the same number of survivors per tensor as ``masks``, at positions drawn
+    uniformly (without replacement) over the whole tensor with ``rng``: Frankle & Carbin's random
+    pruning control, a random sparse network with the ticket's layer-wise sparsity."""
+    out = {}
+    for name, mask in masks.items():
+        new = np.zeros(mask.shape, bool)
+        new.ravel()[rng.choice(mask.size, size=int(np.count_nonzero(mask)), replace=False)] = True
+        out[name] = new
+    return out
+
+
 SCOPES = ("layer", "global", "random")
 
 

@@ -158,7 +158,7 @@ def test_strategy_order_and_colors_come_from_the_registry():
 def test_a_new_strategy_is_one_registry_entry(tmp_path, synth, monkeypatch):
     zero = Strategy("zero", "all zeros (a strawman)",
                     lambda imp, seed, r, prev: ({k: np.zeros_like(v) for k, v in prev.items()}, 0.5),
-                    order=4, color="tab:red")
+                    order=6, color="tab:red")
     monkeypatch.setitem(STRATEGIES, "zero", zero)
     assert check_strategy("zero") == "zero" and strategy_color("zero", 0) == "tab:red"
     imp = _run(tmp_path, synth, strategies=("zero",), rounds=1)
@@ -166,3 +166,44 @@ def test_a_new_strategy_is_one_registry_entry(tmp_path, synth, monkeypatch):
     assert all(not v.any() for v in load_npz(d / "start.npz").values())
     assert load_json(d / "metrics.json")["lr"] == pytest.approx(RECIPE.train.lr * 0.5)
     assert sorted(["zero", "rewind-to-9", "rewind"], key=strategy_order) == ["rewind", "rewind-to-9", "zero"]
+
+
+def test_ticket_controls_take_the_rewind_chains_masks(tmp_path, synth):
+    """ticket-reinit trains the rewind chain's mask of each round from a fresh draw (reinit's);
+    ticket-random-mask keeps the ticket's count per layer at random positions, from W0. Run alone,
+    they compute the rewind rounds they need first."""
+    imp = IMP(RECIPE, tmp_path / "t", synth)
+    imp.run_strategy(0, "ticket-reinit", 2)
+    imp.run_strategy(0, "ticket-random-mask", 2)
+    imp.run_strategy(0, "reinit", 1)
+    init = load_npz(imp.seed_dir(0) / "init.npz")
+    for r in (1, 2):
+        rewind_masks = load_npz(imp.round_dir(0, "rewind", r) / "masks.npz")
+        tr = imp.round_dir(0, "ticket-reinit", r)
+        masks, start = load_npz(tr / "masks.npz"), load_npz(tr / "start.npz")
+        rm = imp.round_dir(0, "ticket-random-mask", r)
+        rmasks, rstart = load_npz(rm / "masks.npz"), load_npz(rm / "start.npz")
+        for name, m in rewind_masks.items():
+            assert np.array_equal(masks[name], m)                                    # the ticket's mask
+            assert not np.array_equal(start[name][m], init[name][m])                 # a fresh draw
+            assert rmasks[name].sum() == m.sum() and not np.array_equal(rmasks[name], m)   # counts only
+            assert np.array_equal(rstart[name], init[name] * rmasks[name])           # from W0
+    reinit_start = load_npz(imp.round_dir(0, "reinit", 1) / "start.npz")
+    tr_start = load_npz(imp.round_dir(0, "ticket-reinit", 1) / "start.npz")
+    assert np.array_equal(tr_start["fc1.b"], reinit_start["fc1.b"])   # the draw reinit makes
+    m1 = load_npz(imp.round_dir(0, "ticket-random-mask", 1) / "masks.npz")["fc1.W"]
+    m2 = load_npz(imp.round_dir(0, "ticket-random-mask", 2) / "masks.npz")["fc1.W"]
+    assert (m2 & ~m1).any()   # drawn afresh each round, not nested
+
+
+def test_ticket_controls_stop_where_the_rewind_chain_diverged(tmp_path, synth):
+    imp = IMP(RECIPE, tmp_path / "d", synth)
+    said = []
+    imp.notice = said.append
+    rewind = imp.run_strategy(0, "rewind", 1)
+    # pretend the rewind chain diverged in round 1: its metrics say so (a digest-consistent edit)
+    m = dict(rewind[1], diverged=True)
+    imp._checked[imp.round_dir(0, "rewind", 1)] = (m, None)
+    rows = imp.run_strategy(0, "ticket-reinit", 2)
+    assert len(rows) == 1 and said == ["seed 0 ticket-reinit stops before round 1: the rewind chain "
+                                       "diverged in round 1, so it has no ticket of round 1"]

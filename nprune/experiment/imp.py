@@ -16,7 +16,16 @@ Reset strategies (what the surviving weights start from in round r) are the entr
 * ``reinit``      -- a fresh draw from the same initialiser, a new draw each round (the control);
 * ``finetune``    -- their trained values from round r-1, trained on at ``lr * finetune_lr_factor``
   (Han et al.'s recipe);
-* ``rewind-to-K`` -- their values after K iterations of the dense run (late resetting).
+* ``rewind-to-K`` -- their values after K iterations of the dense run (late resetting);
+* ``ticket-reinit`` -- Frankle & Carbin's random reinitialisation: round r trains the mask of the
+  ``rewind`` chain's round r (the winning ticket) from a fresh draw of the initialiser;
+* ``ticket-random-mask`` -- Frankle & Carbin's random pruning: the ticket's survivor count per layer
+  at uniformly random positions (a new draw each round, not nested), from ``W0``.
+
+The two ticket controls do not prune a chain of their own: round r reads the rewind chain's masks
+of round r (computing the rewind rounds first where they are missing), so they test the ticket's
+initial values and its mask one at a time. A chain stops at its first diverged round; a ticket
+control also stops where the rewind chain diverged.
 
 Random streams are separate and derived from ``(seed, stream, round)`` with NumPy's SeedSequence:
 initialisation, data order, reinit draws and random-pruning positions. Nothing random carries from one
@@ -144,6 +153,15 @@ class IMP(RunFolder):
         self.save_recorded(path, w)
         return w
 
+    def ticket_masks(self, seed: int, r: int) -> dict:
+        """The masks of round ``r`` of the ``rewind`` chain of ``seed`` (the winning ticket of that
+        round), its missing rounds computed first. ChainStopped when that chain diverged before."""
+        last = self.run_strategy(seed, "rewind", r)[-1]
+        if last["round"] != r or last["diverged"]:
+            raise ChainStopped(f"the rewind chain diverged in round {last['round']}, so it has no "
+                               f"ticket of round {r}")
+        return self.load_arrays(self.round_dir(seed, "rewind", r) / "masks.npz", last["files"]["masks.npz"])
+
     def _train_round(self, seed: int, strategy: str, r: int, model, start: dict, masks: dict,
                      lr_factor: float = 1.0) -> dict:
         rd = self.round_dir(seed, strategy, r)
@@ -216,11 +234,19 @@ class IMP(RunFolder):
                 continue
             if out[-1].get("diverged"):
                 break
-            prev, digests = self.round_dir(seed, strategy, r - 1), out[-1]["files"]
-            prev_final = self.load_arrays(prev / "final.npz", digests["final.npz"])
-            prev_masks = self.load_arrays(prev / "masks.npz", digests["masks.npz"])
-            masks = prune(prev_final, prev_masks, rates, self.recipe.prune.scope,
-                          rng=stream(seed, PRUNE, r))
+            if spec.masks is not None:   # the masks come from another chain (the ticket's)
+                try:
+                    masks = spec.masks(self, seed, r, *args)
+                except ChainStopped as e:
+                    self._tell(f"seed {seed} {strategy} stops before round {r}: {e}")
+                    break
+                prev_final = None
+            else:
+                prev, digests = self.round_dir(seed, strategy, r - 1), out[-1]["files"]
+                prev_final = self.load_arrays(prev / "final.npz", digests["final.npz"])
+                prev_masks = self.load_arrays(prev / "masks.npz", digests["masks.npz"])
+                masks = prune(prev_final, prev_masks, rates, self.recipe.prune.scope,
+                              rng=stream(seed, PRUNE, r))
             start, lr_factor = spec.reset(self, seed, r, prev_final, *args)
             out.append(self._train_round(seed, strategy, r, model, start, masks, lr_factor))
             if out[-1].get("diverged"):
@@ -244,6 +270,10 @@ class IMP(RunFolder):
             for name in strategies:
                 rows.extend(self.run_strategy(seed, name, rounds)[1:])
         return rows
+
+
+class ChainStopped(Exception):
+    """A chain cannot go on (the chain it takes its masks from diverged)."""
 
 
 class _NoEval:

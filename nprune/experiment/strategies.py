@@ -14,8 +14,10 @@ from typing import Callable
 
 import numpy as np
 
+from ..pruning import random_like
+
 # random streams
-INIT, DATA, REINIT, PRUNE = 0, 1, 2, 3
+INIT, DATA, REINIT, PRUNE, TICKET_MASK = 0, 1, 2, 3, 4
 
 
 def stream(seed: int, which: int, round_: int = 0) -> np.random.Generator:
@@ -32,13 +34,16 @@ class Strategy:
     integer arguments, e.g. K of ``rewind-to-K``); ``reset(imp, seed, round, previous final weights,
     *args)`` returns ``(start weights, lr factor)`` for the survivors; ``order`` places it in tables
     and plots (then its arguments); ``color`` is its plot colour (None: one of the colour cycle);
-    ``check(train_config, *args)`` returns what is wrong with the arguments for a recipe, or None."""
+    ``check(train_config, *args)`` returns what is wrong with the arguments for a recipe, or None;
+    ``masks(imp, seed, round, *args)``, when given, makes the round's masks instead of the strategy's
+    own IMP chain (whose previous round's final weights are then not read: ``prev`` is None)."""
     pattern: str
     about: str
     reset: Callable
     order: int
     color: str | None = None
     check: Callable | None = None
+    masks: Callable | None = None
 
 
 def _check_rewind_point(cfg, k: int) -> str | None:
@@ -54,12 +59,23 @@ STRATEGIES = {
     "reinit": Strategy("reinit", "a fresh draw from the same initialiser each round (the control)",
                        lambda imp, seed, r, prev: (imp.build(seed).fresh_params(stream(seed, REINIT, r)),
                                                    1.0), 1, "tab:orange"),
+    "ticket-reinit": Strategy(
+        "ticket-reinit", "the rewind chain's mask of the same round (the winning ticket's) with a "
+        "fresh draw of the initialiser, the draw reinit makes (Frankle & Carbin's random "
+        "reinitialisation control)",
+        lambda imp, seed, r, prev: (imp.build(seed).fresh_params(stream(seed, REINIT, r)), 1.0), 2,
+        "tab:red", masks=lambda imp, seed, r: imp.ticket_masks(seed, r)),
+    "ticket-random-mask": Strategy(
+        "ticket-random-mask", "the winning ticket's survivor count per layer at random positions, "
+        "from the original initial values (Frankle & Carbin's random pruning control)",
+        lambda imp, seed, r, prev: (imp.init_weights(seed), 1.0), 3, "tab:purple",
+        masks=lambda imp, seed, r: random_like(imp.ticket_masks(seed, r), stream(seed, TICKET_MASK, r))),
     "finetune": Strategy("finetune", "their trained values, trained on at lr * finetune-lr-factor",
-                         lambda imp, seed, r, prev: (prev, imp.recipe.finetune_lr_factor), 2,
+                         lambda imp, seed, r, prev: (prev, imp.recipe.finetune_lr_factor), 4,
                          "tab:green"),
     "rewind-to-K": Strategy(r"rewind-to-([0-9]+)", "their values after K iterations of the dense run "
                             "(e.g. rewind-to-500)",
-                            lambda imp, seed, r, prev, k: (imp.rewind_weights(seed, k), 1.0), 3,
+                            lambda imp, seed, r, prev, k: (imp.rewind_weights(seed, k), 1.0), 5,
                             check=_check_rewind_point),
 }
 
