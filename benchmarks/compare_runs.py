@@ -7,8 +7,9 @@ Both arguments are ``--out`` folders (or single run folders). Every file is comp
 - ``*.npz``: the same array names, dtypes, shapes and bytes (the zip container itself carries
   write times, so the archives are compared by their arrays);
 - ``timing.json``: skipped (wall-clock seconds);
-- every other file: byte for byte (``metrics.json``, ``settings.json``, ``results.csv``,
-  ``summary.md``, plots, ...). ``--skip GLOB`` leaves more files out, e.g. ``--skip '*.png'``.
+- ``results.csv`` and ``summary.md``: byte for byte without their wall-clock columns and section
+  (:func:`nprune.experiment.report.without_timings`);
+- every other file: byte for byte (``metrics.json``, ``settings.json``, plots, ...). ``--skip GLOB`` leaves more files out, e.g. ``--skip '*.png'``.
 
 Temporary files (``.*.tmp``) are ignored. Prints one line per difference and a closing count;
 exits 1 when anything differs, so a script can use it as a check. Used to show that a change of
@@ -23,6 +24,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nprune.experiment.report import without_timings  # noqa: E402
 
 
 def _files(root: Path) -> set[str]:
@@ -46,7 +50,7 @@ def _npz_equal(a: Path, b: Path) -> str | None:
 
 def compare(a: Path, b: Path, skip=()) -> list[str]:
     """One line per difference between folders ``a`` and ``b`` (empty: the same results)."""
-    skip = ("timing.json",) + tuple(skip)
+    skip = ("timing.json", "time_vs_weights.*") + tuple(skip)
     keep = lambda p: not any(fnmatch.fnmatch(Path(p).name, g) for g in skip)  # noqa: E731
     fa, fb = set(filter(keep, _files(a))), set(filter(keep, _files(b)))
     out = [f"only in {a}: {p}" for p in sorted(fa - fb)] + [f"only in {b}: {p}" for p in sorted(fb - fa)]
@@ -54,7 +58,9 @@ def compare(a: Path, b: Path, skip=()) -> list[str]:
         if p.endswith(".npz"):
             why = _npz_equal(a / p, b / p)
         else:
-            why = None if (a / p).read_bytes() == (b / p).read_bytes() else "bytes differ"
+            name = Path(p).name
+            same = without_timings(name, (a / p).read_bytes()) == without_timings(name, (b / p).read_bytes())
+            why = None if same else "bytes differ"
         if why:
             out.append(f"differs: {p}: {why}")
     return out

@@ -116,6 +116,7 @@ def real_mnist() -> Path:
 
 def run_files(run: Path) -> dict:
     """{relative path: bytes} of a run folder's arrays, JSON and CSV files, timings excepted."""
-    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*"))
+    from nprune.experiment.report import without_timings
+    return {p.relative_to(run): without_timings(p.name, p.read_bytes()) for p in sorted(run.rglob("*"))
             if p.is_file() and not p.name.startswith(".") and p.name != "timing.json"
             and p.suffix in (".npz", ".json", ".csv")}

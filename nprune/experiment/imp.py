@@ -203,7 +203,7 @@ class IMP(RunFolder):
                                         "test_loss", "test_acc")}
         metrics.update(d)
         metrics["curves"] = curves
-        self.save_json(rd / "timing.json", {"seconds": seconds})
+        self.save_json(rd / "timing.json", {"seconds": seconds, "kernel": self.kernel or "dense"})
         self.save_json(rd / "metrics.json", metrics)   # last: marks the round finished
         self._checked[rd] = (metrics, None)
         if self.progress:

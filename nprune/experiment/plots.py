@@ -7,6 +7,9 @@
 * ``early_stop_vs_weights``: early-stop iteration vs percent of weights remaining, same layout, with
   the iteration budget as a line; a point whose early stop sits at the budget is hollow, since the
   minimum validation loss was at the last evaluation and the true early stop is unknown.
+* ``time_vs_weights``: test accuracy at early stop and wall-clock milliseconds per training
+  iteration vs percent of weights remaining, for the kernel the rounds ran with (rounds that have
+  a ``timing.json``).
 * ``curves``: test accuracy over training iterations, one panel (with its own y range) per strategy,
   one line per round (mean over seeds) coloured by round.
 
@@ -167,10 +170,13 @@ def _legend(ax, **kw) -> None:
 # the figures
 
 def draw_metric(rows: list, key: str, ylabel: str, info: RunInfo, scale: float = 1.0,
-                dense_line: bool = False, budget: bool = False):
+                dense_line: bool = False, budget: bool = False, ax=None):
     """A metric vs weights left, one line per strategy; ``dense_line``: the dense mean dashed;
-    ``budget``: the iteration budget as a line and points at the budget hollow. Returns the Figure."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ``budget``: the iteration budget as a line and points at the budget hollow. Draws into ``ax``
+    when given (None: a new figure). Returns the Figure."""
+    own = ax is None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4)) if own else (ax.figure, ax)
+    rows = [m for m in rows if m.get(key) is not None or m.get("diverged")]
     cap = info.iterations if budget else None
     n_capped = 0
     for i, (s, rounds) in enumerate(by_strategy(rows).items()):
@@ -204,10 +210,28 @@ def draw_metric(rows: list, key: str, ylabel: str, info: RunInfo, scale: float =
                           "true early stop unknown)")
     _weights_axis(ax, levels(rows))
     ax.set_ylabel(ylabel)
-    ax.set_title(info.title(), fontsize=10)
     _legend(ax, fontsize=8, loc="best")
+    if own:
+        ax.set_title(info.title(), fontsize=10)
+        fig.tight_layout()
+        _thin_tick_labels(ax)
+    return fig
+
+
+def draw_time(rows: list, info: RunInfo):
+    """Test accuracy at early stop (top) and wall-clock milliseconds per training iteration
+    (bottom, evaluations included) vs weights left, for the kernel(s) the rounds ran with: does a
+    sparser ticket train faster at the same accuracy? Returns the Figure."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 7.2), sharex=True)
+    draw_metric(rows, "early_stop_test_acc", "test accuracy at early stop (%)", info, scale=100,
+                dense_line=True, ax=top)
+    draw_metric(rows, "ms_per_iteration", "ms per training iteration", info, ax=bottom)
+    bottom.set_ylim(bottom=0)
+    top.set_xlabel("")
+    kernels = sorted({m.get("kernel") or "unknown" for m in rows if "kernel" in m})
+    top.set_title(info.title(f", kernel {', '.join(kernels)}"), fontsize=10)
     fig.tight_layout()
-    _thin_tick_labels(ax)
+    _thin_tick_labels(bottom)
     return fig
 
 
@@ -298,6 +322,8 @@ def all_plots(rows: list, out_dir, title: str = "", plot_format: str = "png",
             rows, "early_stop_iter", "early-stop iteration (min val loss)", info, budget=True)),
         ("curves", lambda: draw_curves(rows, info)),
     )
+    if any("ms_per_iteration" in m for m in rows):
+        figs += (("time_vs_weights", lambda: draw_time(rows, info)),)
     files = []
     for stem, draw in figs:
         files += _save(draw(), out_dir / stem, formats)

@@ -17,15 +17,38 @@ from .runs import RunFolder, by_strategy, collect
 RESULT_COLUMNS = ["seed", "strategy", "round", "percent_left", "weights_left", "early_stop_iter",
                   "early_stop_val_loss", "early_stop_val_acc", "early_stop_test_acc",
                   "final_val_acc", "final_test_acc", "lr", "diverged"]
+#: Wall-clock columns of results.csv (from each round's timing.json): they change from run to run,
+#: so comparisons of results leave them out (:func:`without_timings`).
+TIMING_COLUMNS = ["seconds", "ms_per_iteration", "kernel"]
+TIMING_HEADING = "## Training time"
+
+
+def without_timings(name: str, data: bytes) -> bytes:
+    """A result file's bytes without what changes from run to run: ``results.csv`` without its
+    timing columns, ``summary.md`` without its training-time section; other files unchanged."""
+    if name == "results.csv":
+        rows = list(csv.reader(io.StringIO(data.decode())))
+        keep = [i for i, c in enumerate(rows[0]) if c not in TIMING_COLUMNS] if rows else []
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([[r[i] for i in keep if i < len(r)] for r in rows])
+        return buf.getvalue().encode()
+    if name == "summary.md":
+        text = data.decode()
+        start = text.find(TIMING_HEADING)
+        if start >= 0:
+            end = text.find("\n## ", start + 1)
+            text = text[:start] + (text[end + 1:] if end >= 0 else "")
+        return text.encode()
+    return data
 
 
 def results_csv(rows: list) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(RESULT_COLUMNS)
+    w.writerow(RESULT_COLUMNS + TIMING_COLUMNS)
     for m in rows:
         m = dict(m, weights_left=m["weights"]["total"]["left"])
-        w.writerow([_fmt(m.get(c, "")) for c in RESULT_COLUMNS])
+        w.writerow([_fmt(m.get(c, "")) for c in RESULT_COLUMNS + TIMING_COLUMNS])
     return buf.getvalue()
 
 
@@ -94,7 +117,35 @@ def summary_markdown(rows: list, settings: dict | None = None, title: str = "") 
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines += sparsity_markdown(groups)
+    lines += timing_markdown(groups, rounds)
     return "\n".join(lines)
+
+
+def timing_markdown(groups: dict, rounds: list) -> list:
+    """Wall time per round and per training iteration (evaluation included), mean [min-max] over
+    seeds, for the kernel each round ran with: how much faster a sparse ticket trains."""
+    timed = [m for g in groups.values() for ms in g.values() for m in ms if "seconds" in m]
+    if not timed:
+        return []
+    kernels = sorted({m.get("kernel") or "unknown" for m in timed})
+    lines = [TIMING_HEADING, "",
+             f"Wall-clock seconds per round and milliseconds per training iteration (evaluations "
+             f"included), kernel {', '.join(kernels)}; they change from run to run and machine to "
+             "machine.", ""]
+    head = ["round", "weights left %"]
+    for s in groups:
+        head += [f"{s} s/round", f"{s} ms/it"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rounds:
+        lefts = [m["percent_left"] for g in groups.values() for m in g.get(r, [])]
+        row = [str(r), f"{np.mean(lefts):.2f}" if lefts else ""]
+        for s in groups:
+            ms = [m for m in groups[s].get(r, []) if "seconds" in m]
+            row += [_cell([m["seconds"] for m in ms], 1, 1) if ms else "",
+                    _cell([m["ms_per_iteration"] for m in ms], 1, 3) if ms else ""]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    return lines
 
 
 def sparsity_markdown(groups: dict) -> list:

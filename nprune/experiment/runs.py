@@ -32,6 +32,8 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from ..data.fsutil import (CorruptFileError, atomic_write_bytes, atomic_write_json, load_json,
                            npz_bytes, npz_from_bytes, sha256_file)
 from .strategies import find_strategy, strategy_order
@@ -370,7 +372,7 @@ def collect(run_dir, strict: bool = True, notice=None) -> list:
         except RunFolderError as e:
             m, problem = None, _short(e, folder)
         if m is not None:
-            rows.append(m)
+            rows.append(dict(m, **_timing(folder, seed, strategy, r, m)))
         elif problem:
             bad.append(f"{folder.rel(folder.round_dir(seed, strategy, r))}: {problem}")
     hashes = sorted({m["recipe_hash"] for m in rows})
@@ -384,6 +386,22 @@ def collect(run_dir, strict: bool = True, notice=None) -> list:
             notice(f"left out of the report: {line}")
     rows.sort(key=lambda m: (m["seed"], m["strategy"], m["round"]))
     return rows
+
+
+def _timing(folder: RunFolder, seed: int, strategy: str, r: int, m: dict) -> dict:
+    """``seconds`` (the round's wall time, training and evaluation), ``ms_per_iteration`` and
+    ``kernel`` from the round's ``timing.json``; empty when it is missing or malformed (timings are
+    not part of the results, so they are not digested; a bad one is simply not shown)."""
+    try:
+        t = folder.load_json(folder.round_dir(seed, strategy, r) / "timing.json")
+        seconds = float(t["seconds"])
+        iterations = (m.get("curves") or {}).get("iterations") or [0]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not (seconds >= 0 and np.isfinite(seconds)) or not iterations[-1]:
+        return {}
+    return {"seconds": seconds, "ms_per_iteration": 1e3 * seconds / iterations[-1],
+            "kernel": t.get("kernel") if isinstance(t.get("kernel"), str) else None}
 
 
 def by_strategy(rows: list) -> dict:
