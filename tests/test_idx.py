@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from nprune.data.idx import IDXError, read_idx, read_payload, sha256_of_payload, write_idx
+from nprune.data.idx import IDXError, parse_idx, read_idx, read_payload, sha256_of_payload, write_idx
 
 DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]
 SHAPES = [(7,), (3, 5), (2, 3, 4), (2, 1, 3, 2)]
@@ -127,3 +127,53 @@ def test_corrupt_gzip(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(IDXError, match="nope.idx"):
         read_idx(tmp_path / "nope.idx")
+
+
+def test_concatenated_gzip_members(tmp_path):
+    arr = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    raw = _header(0x0B, (2, 3, 4)) + arr.astype(">i2").tobytes()
+    path = tmp_path / "two.gz"
+    path.write_bytes(gzip.compress(raw[:10]) + gzip.compress(raw[10:]))
+    np.testing.assert_array_equal(read_idx(path), arr)
+
+
+def test_garbage_after_gzip_stream(tmp_path):
+    path = tmp_path / "g.gz"
+    path.write_bytes(gzip.compress(_header() + b"\x00\x01\x02") + b"junk")
+    with pytest.raises(IDXError, match="corrupt gzip data"):
+        read_idx(path)
+
+
+def test_gzip_checksum_error(tmp_path):
+    data = bytearray(gzip.compress(_header() + b"\x00\x01\x02"))
+    data[-8] ^= 0xFF  # CRC-32 of the member
+    path = tmp_path / "crc.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(IDXError, match="corrupt gzip data"):
+        read_idx(path)
+
+
+def test_header_checked_before_the_payload_is_read(tmp_path):
+    """``check_header`` sees the header first; a rejected header stops reading after the first piece."""
+    path = tmp_path / "big.gz"
+    write_idx(path, np.zeros((64, 1024, 64), np.uint8))  # 4 MiB, more than one decompressed piece
+    seen = []
+
+    class Counter:
+        n = 0
+
+        def update(self, b):
+            self.n += len(b)
+
+    counter = Counter()
+    with pytest.raises(IDXError, match="big.gz: no thanks"):
+        read_idx(path, check_header=lambda dtype, dims: seen.append((dtype, dims)) or "no thanks", hasher=counter)
+    assert seen == [(np.dtype(np.uint8), (64, 1024, 64))]
+    assert counter.n <= 1 << 20
+
+
+def test_parse_idx_long_shape_message_is_short():
+    with pytest.raises(IDXError) as info:
+        parse_idx(_header(dims=(2**32 - 1,) * 255))
+    assert "(255 dims)" in str(info.value) and "about 2**" in str(info.value)
+    assert len(str(info.value)) < 200

@@ -7,7 +7,8 @@ Where the files come from (:func:`find_data_dir`), first match wins:
 3. the per-user cache ``$XDG_CACHE_HOME/nprune/<name>`` (default ``~/.cache/nprune/<name>``);
 4. the dataset's system folders (e.g. ``/usr/share/datasets/fashion-mnist/`` from Debian's
    ``dataset-fashion-mnist`` package);
-5. a download from the dataset's public mirrors into the per-user cache (if ``download=True``).
+5. a download from the dataset's public mirrors into the per-user cache (if ``download=True``;
+   see :mod:`.download`).
 
 A folder given by 1 or 2 may hold the four files itself or in a ``<name>/`` subfolder (so one
 ``NPRUNE_DATA_DIR`` can serve several datasets). When a folder given by 1 or 2 lacks files, that is
@@ -21,10 +22,7 @@ Every problem reaches callers as :class:`DataError` with a one-line message; the
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +30,9 @@ from typing import Iterator
 
 import numpy as np
 
-from . import fsutil
-from .idx import IDXError, parse_idx, read_payload
+from . import checks, download as _download, fsutil
+from .download import DOWNLOAD_TIMEOUT, MAX_DOWNLOAD_BYTES  # noqa: F401  (public names kept here)
+from .idx import IDXError
 
 __all__ = [
     "DataError",
@@ -53,10 +52,6 @@ __all__ = [
 
 #: Environment variable naming a folder that holds the dataset files (or ``<name>/`` subfolders).
 ENV_VAR = "NPRUNE_DATA_DIR"
-#: Seconds to wait on each mirror before trying the next one.
-DOWNLOAD_TIMEOUT = 20.0
-#: Refuse downloads larger than this (bytes as sent by the mirror).
-MAX_DOWNLOAD_BYTES = 128 * 1024 * 1024
 
 #: Role -> standard IDX file name (without ``.gz``).
 FILE_NAMES: dict[str, str] = {
@@ -112,7 +107,6 @@ DATASETS: dict[str, DatasetSpec] = {
         mirrors=(
             "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "https://storage.googleapis.com/cvdf-datasets/mnist/",
-            "http://yann.lecun.com/exdb/mnist/",
         ),
     ),
     "fashion-mnist": DatasetSpec(
@@ -126,7 +120,9 @@ DATASETS: dict[str, DatasetSpec] = {
             "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
             "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         },
-        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        # The project's own copy in its git repository, served over https (its S3 website mirror is
+        # plain http only).
+        mirrors=("https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",),
         system_dirs=("/usr/share/datasets/fashion-mnist/",),
     ),
 }
@@ -229,53 +225,7 @@ def find_data_dir(name: str, data_dir=None, download: bool = True) -> Path:
 # downloading
 
 
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 100 else text[:97] + "..."
-
-
-def _fetch(url: str, dest_dir: Path, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
-    """Download ``url`` into a new temporary file in ``dest_dir`` and return its path."""
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            total = 0
-            while True:
-                chunk = resp.read(1 << 20)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > MAX_DOWNLOAD_BYTES:
-                    raise OSError(f"more than {MAX_DOWNLOAD_BYTES} bytes")
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        _unlink(Path(tmp))
-        raise
-    return Path(tmp)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
-
-
-def _check_download(tmp: Path, spec: DatasetSpec, role: str, fname: str) -> bool:
-    """Verify a downloaded file; return whether it is gzip. Raises ValueError describing a mismatch."""
-    payload = read_payload(tmp)  # IDXError is a ValueError
-    gz = tmp.read_bytes()[:2] == b"\x1f\x8b"
-    if spec.sha256 is not None:
-        got = hashlib.sha256(payload).hexdigest()
-        if got != spec.sha256[fname]:
-            raise ValueError(f"SHA-256 mismatch (got {got[:12]}..., expected {spec.sha256[fname][:12]}...)")
-    arr = parse_idx(payload, fname)
-    want = spec.expected_shape(role)
-    if arr.shape != want or arr.dtype != np.uint8:
-        raise ValueError(f"got {arr.dtype} array of shape {arr.shape}, expected uint8 {want}")
-    return gz
+_short = _download.short
 
 
 def _download_missing(spec: DatasetSpec, cache: Path, looked) -> None:
@@ -293,24 +243,8 @@ def _download_missing(spec: DatasetSpec, cache: Path, looked) -> None:
         ) from None
     roles = {fname: role for role, fname in spec.files.items()}
     for fname in missing:
-        reasons = []
-        for base in spec.mirrors:
-            url = base if base.endswith("/") else base + "/"
-            url += fname + ".gz"
-            try:
-                tmp = _fetch(url, cache)
-            except Exception as exc:  # network, HTTP, bad URL, timeouts: try the next mirror
-                reasons.append(f"{url}: {_short(exc)}")
-                continue
-            try:
-                gz = _check_download(tmp, spec, roles[fname], fname)
-            except ValueError as exc:
-                _unlink(tmp)
-                reasons.append(f"{url}: rejected, {_short(exc)}")
-                continue
-            os.replace(tmp, cache / (fname + ".gz" if gz else fname))
-            break
-        else:
+        reasons = _download.download_file(spec, roles[fname], fname, cache)
+        if reasons or not spec.mirrors:
             still_missing = _locate(cache, spec)[1]
             if created:
                 try:
@@ -350,60 +284,33 @@ def _known_hashes(except_name: str) -> dict[str, str]:
             if other.name != except_name and other.sha256 for h in other.sha256.values()}
 
 
-def _other_dataset(spec: DatasetSpec, path: Path, payload: bytes) -> None:
-    """Raise DataError naming both data sets when ``path`` is another known data set's file."""
-    other = _known_hashes(spec.name).get(hashlib.sha256(payload).hexdigest())
-    if other:
-        raise DataError(f"{path.parent} holds {other}, not {spec.name} ({path.name} is the {other} "
-                        f"file); point --data-dir or ${ENV_VAR} at the {spec.name} files")
-
-
 def _load_checked(spec: DatasetSpec, paths: dict[str, Path], verify: bool) -> dict[str, np.ndarray]:
-    data = {}
+    """Read the four files with every structural check (:mod:`.checks`), then, with ``verify``,
+    compare their SHA-256 values: a malformed file is named for its real defect, not as a mismatch."""
+    data, digests = {}, {}
     for role in ("x_train", "y_train", "x_test", "y_test"):
         path = paths[role]
-        fname = spec.files[role]
+        images = data.get("x_" + role[2:]) if role.startswith("y") else None
         try:
-            payload = read_payload(path)
-            arr = parse_idx(payload, path)
+            arr, digests[role] = checks.read_checked(
+                spec, role, path, verify,
+                n_images=None if images is None else len(images),
+                images_name=paths["x_" + role[2:]].name)
         except IDXError as exc:
             raise DataError(str(exc)) from None
-        if verify and spec.sha256 is not None:
-            got = hashlib.sha256(payload).hexdigest()
-            want = spec.sha256[fname]
-            if got != want:
-                _other_dataset(spec, path, payload)
-                raise DataError(
-                    f"{path}: SHA-256 of the decompressed payload is {got}, expected {want} for {spec.name} "
-                    f"{fname}; the file is corrupt or not the canonical one"
-                )
-        elif verify:
-            _other_dataset(spec, path, payload)
-        del payload
-        if arr.dtype != np.uint8:
-            raise DataError(f"{path}: dtype {arr.dtype}, expected uint8")
-        if role.startswith("x"):
-            if arr.ndim != 3:
-                raise DataError(f"{path}: images must be 3-D (N, H, W), got shape {arr.shape}")
-            if arr.shape[1:] != tuple(spec.image_shape):
-                want_hw = "x".join(map(str, spec.image_shape))
-                raise DataError(f"{path}: images are {arr.shape[1]}x{arr.shape[2]}, expected {want_hw}")
-        else:
-            if arr.ndim != 1:
-                raise DataError(f"{path}: labels must be 1-D (N,), got shape {arr.shape}")
-            if arr.size and int(arr.max()) >= spec.n_classes:
-                raise DataError(
-                    f"{path}: label {int(arr.max())} out of range 0..{spec.n_classes - 1}"
-                )
-            images = data["x_" + role[2:]]
-            if len(images) != len(arr):
-                raise DataError(
-                    f"{path}: {len(arr)} labels but {paths['x_' + role[2:]].name} has {len(images)} images"
-                )
-        if verify and arr.shape != spec.expected_shape(role):
-            raise DataError(f"{path}: shape {arr.shape}, expected {spec.expected_shape(role)} for {spec.name}")
         arr.setflags(write=False)
         data[role] = arr
+    if verify:
+        for role, got in digests.items():
+            path, fname = paths[role], spec.files[role]
+            other = _known_hashes(spec.name).get(got)
+            if other:
+                raise DataError(f"{path.parent} holds {other}, not {spec.name} ({path.name} is the {other} "
+                                f"file); point --data-dir or ${ENV_VAR} at the {spec.name} files")
+            problem = checks.sha256_problem(spec, fname, got)
+            if problem:
+                raise DataError(f"{path}: {problem}; the file is damaged or modified: delete it and "
+                                f"download the data set again")
     return data
 
 
@@ -412,11 +319,14 @@ def load_dataset(name: str = "mnist", data_dir=None, download: bool = True, veri
 
     Images are ``(N, 28, 28)``, labels ``(N,)`` in ``0..9``. The files are found by
     :func:`find_data_dir` (``data_dir``, ``$NPRUNE_DATA_DIR``, cache, system folders, download).
-    Always checked: IDX well-formedness, uint8 dtype, 3-D images of the right size, 1-D labels in
-    range, equal image/label counts. With ``verify`` also: the SHA-256 of each decompressed payload
-    when the dataset has known hashes (MNIST), the canonical record counts (60000/10000), and that
-    the label files are not another known dataset's. Pass ``verify=False`` for custom or modified
-    files. Every failure is a one-line :class:`DataError` naming the file.
+    Always checked, from each file's header before its payload is read: IDX well-formedness, uint8
+    dtype, 3-D images of the right size, 1-D labels, equal image/label counts; then the payload
+    length (reading stops at the declared size, so a gzip bomb costs no memory) and the label range.
+    With ``verify`` also: the canonical record counts (60000/10000; swapped train/test files are
+    named as such) and, once all four files are well-formed, the SHA-256 of each decompressed
+    payload when the dataset has known hashes, and that no file is another known dataset's. Pass
+    ``verify=False`` for custom or modified files. Every failure is a one-line :class:`DataError`
+    naming the file.
 
     Results are cached in memory (keyed by resolved paths, sizes and mtimes), so repeated loads are
     cheap; the returned arrays are therefore **read-only** -- copy them before modifying in place.
