@@ -23,3 +23,38 @@ def test_report_rebuild(tmp_path, synth):
     files = {Path(f).name for f in write_report(imp.dir, plot_format="png,pdf")["files"]}
     assert {"accuracy_vs_weights.pdf", "early_stop_vs_weights.pdf", "curves.pdf", "curves.png"} <= files
     assert (imp.dir / "curves.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_training_time_in_results_summary_and_a_plot(tmp_path, synth):
+    """Each round's wall time (from timing.json) is in results.csv, in summary.md's training-time
+    table and in time_vs_weights; comparisons of results leave exactly these out."""
+    import csv
+    import io
+    import json
+    from nprune.experiment.report import TIMING_COLUMNS, without_timings
+    imp = _run(tmp_path, synth, rounds=2)
+    info = write_report(imp.dir)
+    assert "time_vs_weights.png" in {Path(f).name for f in info["files"]}
+    rows = list(csv.DictReader(io.StringIO((imp.dir / "results.csv").read_text())))
+    t = json.loads((imp.round_dir(0, "rewind", 2) / "timing.json").read_text())
+    row = next(r for r in rows if r["strategy"] == "rewind" and r["round"] == "2")
+    assert float(row["seconds"]) == float(f"{t['seconds']:.6g}")
+    assert float(row["ms_per_iteration"]) == float(f"{1e3 * t['seconds'] / 30:.6g}")   # 30 iterations
+    assert row["kernel"] == "dense" == t["kernel"]
+    summary = (imp.dir / "summary.md").read_text()
+    assert "## Training time" in summary and "| rewind s/round | rewind ms/it |" in summary
+    # the same run with other timings compares equal once the timings are left out
+    before = {n: (imp.dir / n).read_bytes() for n in ("results.csv", "summary.md")}
+    for p in imp.dir.rglob("timing.json"):
+        p.write_text(json.dumps({"seconds": 123.0, "kernel": "dense"}))
+    write_report(imp.dir)
+    for name, old in before.items():
+        new = (imp.dir / name).read_bytes()
+        assert new != old and without_timings(name, new) == without_timings(name, old)
+    header = (imp.dir / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[-len(TIMING_COLUMNS):] == TIMING_COLUMNS
+    assert not set(TIMING_COLUMNS) & set(without_timings("results.csv", (imp.dir / "results.csv").read_bytes())
+                                         .decode().splitlines()[0].split(","))
+    # a malformed timing.json is not shown, never believed
+    (imp.round_dir(0, "rewind", 1) / "timing.json").write_text('{"seconds": "soon"}')
+    assert "seconds" not in next(m for m in collect(imp.dir) if m["strategy"] == "rewind" and m["round"] == 1)

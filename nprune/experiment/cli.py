@@ -409,6 +409,7 @@ def _write_train_json(path, record: dict) -> None:
 def cmd_presets(args) -> int:
     for name, p in PRESETS.items():
         print(f"{name}: {p['about']}")
+        print(f"    strategies: {','.join(p['strategies'])}; seeds: {','.join(map(str, p['seeds']))}")
         for net, fields in p["nets"].items():
             print(f"    {net}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
     return 0

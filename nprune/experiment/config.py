@@ -253,12 +253,13 @@ PRESETS = {
     },
     "seed": {
         "about": "the founding write-up's schedule: 9% of every layer pruned per round, 25 rounds "
-                 "(down to ~9.5% of weights), both nets, rewind vs reinit",
+                 "(down to ~9.5% of weights), both nets, 3 seeds, rewind vs reinit and Frankle & Carbin's two "
+                 "controls",
         "nets": {
             "lenet300": dict(_L300, iterations=5000, eval_every=250, layer_rate=0.09, rounds=25),
             "lenet5": dict(_L5, iterations=2000, eval_every=250, layer_rate=0.09, rounds=25),
         },
-        "strategies": ["rewind", "reinit"], "seeds": [0],
+        "strategies": ["rewind", "reinit", "ticket-reinit", "ticket-random-mask"], "seeds": [0, 1, 2],
     },
     "lth": {
         "about": "Frankle & Carbin's LeNet-300-100 recipe: Adam 1.2e-3, batch 60, 50,000 iterations "
@@ -270,9 +271,9 @@ PRESETS = {
     "lenet5": {
         "about": "LeNet-5 (Caffe): SGD momentum 0.9, lr 0.01, batch 64, 5,000 iterations per round, "
                  "conv 10% / fc 20% / output 10% per round, 20 rounds (down to ~1.9%), 3 seeds, "
-                 "rewind vs reinit",
+                 "rewind vs reinit and Frankle & Carbin's two controls",
         "nets": {"lenet5": dict(_L5, iterations=5000, eval_every=250, rate=0.2, rounds=20)},
-        "strategies": ["rewind", "reinit"], "seeds": [0, 1, 2],
+        "strategies": ["rewind", "reinit", "ticket-reinit", "ticket-random-mask"], "seeds": [0, 1, 2],
     },
 }
 
