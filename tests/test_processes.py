@@ -14,14 +14,14 @@ import pytest
 
 from conftest import ROOT, real_mnist, run_cli
 
-ARGS = ["--net", "lenet300", "--strategies", "rewind", "--iterations", "400", "--eval-every", "100",
-        "--val", "1000", "--quiet"]
+ARGS = ["--net", "lenet300", "--strategies", "rewind", "--eval-every", "100", "--val", "1000", "--quiet"]
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}   # 2 cores: one-process runs too
 RESUME_LINE = "finished rounds are saved, rerun the same command to resume"
 
 
-def _args(tmp_path, rounds, seeds, *extra):
-    return [*ARGS, "--rounds", str(rounds), "--seeds", str(seeds), "--data-dir", str(real_mnist()),
-            "--out", str(tmp_path / "out"), *extra]
+def _args(tmp_path, rounds, seeds, *extra, iterations=200):
+    return [*ARGS, "--iterations", str(iterations), "--rounds", str(rounds), "--seeds", str(seeds),
+            "--data-dir", str(real_mnist()), "--out", str(tmp_path / "out"), *extra]
 
 
 def _start(tmp_path, args) -> tuple[subprocess.Popen, Path]:
@@ -30,7 +30,8 @@ def _start(tmp_path, args) -> tuple[subprocess.Popen, Path]:
     err = tmp_path / "stderr.txt"
     with open(err, "w") as f:
         p = subprocess.Popen([sys.executable, "-m", "nprune.experiment", *args], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
+                             stdout=subprocess.DEVNULL, stderr=f, start_new_session=True,
+                             env=dict(os.environ, **ONE_THREAD))
     return p, err
 
 
@@ -111,7 +112,7 @@ def _metrics(tmp_path) -> dict:
 def test_workers_exit_when_the_parent_dies(tmp_path, sig):
     """kill -9 (or SIGTERM) to the parent alone while both workers train: every worker is gone
     within 10 s (a busy worker watches its parent; nothing tells it otherwise after kill -9)."""
-    p, err = _start(tmp_path, _args(tmp_path, 3, 2, "--jobs", "2"))
+    p, err = _start(tmp_path, _args(tmp_path, 1, 2, "--jobs", "2", iterations=400))
     try:
         _training(tmp_path, p, 2)
         workers = _until(lambda: len(w := _workers(p.pid)) == 2 and w, 30, "two workers")
@@ -137,7 +138,7 @@ def test_a_dead_worker_is_one_line_and_the_rerun_gives_the_uninterrupted_results
     naming the worker and the signal, exit 1, no traceback; the same command again finishes the
     run, whose metrics equal an uninterrupted run's."""
     ref = tmp_path / "ref"
-    r = run_cli(*_args(ref, 2, 2, "--jobs", "2"))
+    r = run_cli(*_args(ref, 2, 2, "--jobs", "2"), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     args = _args(tmp_path, 2, 2, "--jobs", "2")
     p, err = _start(tmp_path, args)
@@ -157,7 +158,7 @@ def test_a_dead_worker_is_one_line_and_the_rerun_gives_the_uninterrupted_results
     assert not any(map(_alive, workers))   # the parent stopped and reaped the other one
     _nothing_left(p.pid)
     assert len(_metrics(tmp_path)) < 6   # the run was cut short
-    r = run_cli(*args)
+    r = run_cli(*args, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     assert _metrics(tmp_path) == _metrics(ref)
 
@@ -168,7 +169,7 @@ def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(tmp_path, sig, jobs):
     """SIGTERM or SIGHUP to the whole process group (what a service manager or a closed terminal
     sends) mid-round: one line, exit 128 + signal, no traceback, no process left; the workers
     ignore the signal and the parent stops them. The same command then finishes the run."""
-    args = _args(tmp_path, 1, 2, "--jobs", str(jobs))
+    args = _args(tmp_path, 1, jobs, "--jobs", str(jobs))
     p, err = _start(tmp_path, args)
     try:
         _training(tmp_path, p, jobs)
@@ -183,11 +184,10 @@ def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(tmp_path, sig, jobs):
     assert _one_line(err) == f"nprune: interrupted by {sig.name}; {RESUME_LINE}"
     assert not any(map(_alive, workers))
     _nothing_left(p.pid)
-    done = len(_metrics(tmp_path))
-    assert done < 4
-    r = run_cli(*args)
+    assert len(_metrics(tmp_path)) < 2 * jobs   # the run was cut short
+    r = run_cli(*args, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
-    assert len(_metrics(tmp_path)) == 4
+    assert len(_metrics(tmp_path)) == 2 * jobs
 
 
 def test_ctrl_c_held_down_still_exits_130(tmp_path):
