@@ -87,12 +87,21 @@ def _training(tmp_path, p, n: int) -> None:
     def started():
         assert p.poll() is None, "the command ended before it was stopped"
         return sum(not (d.parent / "metrics.json").exists()
-                   for d in (tmp_path / "out").glob("*/seed_*/*/round_*/start.npz")) >= n
+                   for d in (tmp_path / "out").glob("*/seed_*/**/start.npz")) >= n
     _until(started, 120, f"{n} rounds in training")
 
 
 def _nothing_left(pgid: int) -> None:
     _until(lambda: not _group(pgid), 10, f"the processes of group {pgid} end: {_group(pgid)}")
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """Whatever a failed test left running: the command and its processes."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
 
 
 def _one_line(err: Path) -> str:
@@ -111,8 +120,10 @@ def _metrics(tmp_path) -> dict:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "SIGTERM"])
 def test_workers_exit_when_the_parent_dies(tmp_path, sig):
     """kill -9 (or SIGTERM) to the parent alone while both workers train: every worker is gone
-    within 10 s (a busy worker watches its parent; nothing tells it otherwise after kill -9)."""
-    p, err = _start(tmp_path, _args(tmp_path, 1, 2, "--jobs", "2", iterations=400))
+    within 10 s (a busy worker watches its parent; nothing tells it otherwise after kill -9). The
+    rounds are long (20,000 iterations), so a worker that only noticed at the end of its round
+    would fail the test."""
+    p, err = _start(tmp_path, _args(tmp_path, 1, 2, "--jobs", "2", iterations=20000))
     try:
         _training(tmp_path, p, 2)
         workers = _until(lambda: len(w := _workers(p.pid)) == 2 and w, 30, "two workers")
@@ -128,9 +139,7 @@ def test_workers_exit_when_the_parent_dies(tmp_path, sig):
             assert code == -signal.SIGKILL
         _nothing_left(p.pid)
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        _kill_group(p)
 
 
 def test_a_dead_worker_is_one_line_and_the_rerun_gives_the_uninterrupted_results(tmp_path):
@@ -148,9 +157,7 @@ def test_a_dead_worker_is_one_line_and_the_rerun_gives_the_uninterrupted_results
         os.kill(workers[-1], signal.SIGKILL)
         assert p.wait(30) == 1
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        _kill_group(p)
     text = err.read_text()
     assert "Traceback" not in text and "leaked" not in text, text
     assert re.fullmatch(r"nprune: error: worker [12] died \(signal 9\); finished rounds are saved; "
@@ -178,9 +185,7 @@ def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(tmp_path, sig, jobs):
         os.killpg(p.pid, sig)
         assert p.wait(30) == 128 + sig
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        _kill_group(p)
     assert _one_line(err) == f"nprune: interrupted by {sig.name}; {RESUME_LINE}"
     assert not any(map(_alive, workers))
     _nothing_left(p.pid)
@@ -203,9 +208,7 @@ def test_ctrl_c_held_down_still_exits_130(tmp_path):
             time.sleep(0.002)
         assert p.wait(30) == 130
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        _kill_group(p)
     assert _one_line(err) == f"nprune: interrupted; {RESUME_LINE}"
     _nothing_left(p.pid)
 
