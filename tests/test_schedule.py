@@ -21,6 +21,7 @@ def test_jobs_2_gives_the_bits_of_one_process_and_resumes(tmp_path):
     r = run_cli(*args, "--out", str(tmp_path / "b"), "--jobs", "2")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("finished: lenet300 seed") == 3 * (1 + 2 * 2)
+    assert "leaked" not in r.stderr and "Traceback" not in r.stderr, r.stderr   # clean shutdown
     a = next((tmp_path / "a").glob("lenet300-*"))
     b = next((tmp_path / "b").glob("lenet300-*"))
     files_a = run_files(a)
@@ -61,3 +62,28 @@ def test_ctrl_c_with_jobs_2_is_one_line_and_resumable(tmp_path):
     for s in range(3):
         for st in ("rewind", "reinit"):
             assert (run / f"seed_{s}" / st / "round_2" / "metrics.json").exists()
+
+
+def test_a_workers_error_is_raised_again_in_the_parent(tmp_path):
+    """An exception in a worker's round comes back to the parent as itself (same type and message),
+    chained to the worker's traceback, and the workers are stopped: nothing of the run is left."""
+    from nprune.data.datasets import DataError
+    from nprune.experiment.cli import build_parser, resolve
+    from nprune.experiment.schedule import _RemoteTraceback, run_job
+    args = build_parser().parse_args(["--net", "lenet300", "--strategies", "rewind", "--rounds", "1",
+                                      "--seeds", "2", "--iterations", "10", "--eval-every", "5"])
+    job = resolve(args)[0]
+    before = set(os.listdir("/proc"))
+    try:
+        run_job(job, tmp_path / "out", tmp_path / "nowhere", False, 2, True, "dense")
+    except DataError as e:
+        assert isinstance(e.__cause__, _RemoteTraceback)
+        assert "_load_data" in str(e.__cause__)
+        assert "nowhere" in str(e)
+    else:
+        raise AssertionError("no DataError")
+    mine = [d for d in set(os.listdir("/proc")) - before if d.isdigit()
+            and os.path.exists(f"/proc/{d}/stat")
+            and int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid()
+            and b"spawn_main" in open(f"/proc/{d}/cmdline", "rb").read()]
+    assert mine == []

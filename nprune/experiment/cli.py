@@ -464,10 +464,49 @@ def _print_help(top: argparse.ArgumentParser) -> None:
     print(top.commands["run"].format_help())
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) turned into a KeyboardInterrupt; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _catch_stop_signals() -> dict:
+    """Make SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread, and return
+    the handlers they had. The first one also ignores all three from then on: a second Ctrl-C while
+    the workers are stopped and the message printed must not cut the shutdown short. A signal that
+    was ignored (``nohup``, a background job) stays ignored."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    sigs = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+
+    def stop(signum, frame):
+        for s in sigs:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+    old = {}
+    for s in sigs:
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            old[s] = signal.signal(s, stop)
+    return old
+
+
 def main(argv=None) -> int:
+    """The command line; returns the exit status. SIGINT, SIGTERM and SIGHUP stop a command with
+    one line and exit status 128 + the signal's number; the signals' handlers are restored on
+    return, except when main runs as the program (``argv`` None) and was stopped: then they stay
+    ignored until the process exits."""
+    import signal
+    command = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     from ..data.datasets import DataError
     from ..training import DivergenceError
+    from .schedule import WorkerDied
+    handlers = _catch_stop_signals()
+    stopped = False
     try:
         if argv and argv[0] in KERNEL_COMMANDS:
             from ..kernels.calibrate import main as kernels_main
@@ -488,14 +527,24 @@ def main(argv=None) -> int:
         # DataError: the data the command was pointed at (a folder, a data set) is not usable
         print(f"nprune: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, DivergenceError) as e:
+    except (FileNotFoundError, ValueError, DivergenceError, WorkerDied) as e:
         print(f"nprune: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"nprune: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("nprune: interrupted; finished rounds are saved, rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        stopped = True
+        signum = getattr(e, "signum", signal.SIGINT)
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        try:   # after SIGHUP the terminal may be gone
+            print(f"nprune: interrupted{by}; finished rounds are saved, rerun the same command to "
+                  "resume", file=sys.stderr)
+        except OSError:
+            pass
+        return 128 + signum
+    finally:
+        if not (stopped and command):
+            for s, h in handlers.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)

@@ -6,7 +6,12 @@ gives the same numbers, and a round already on disk is skipped: an interrupted j
 from __future__ import annotations
 
 import os
+import pickle
+import signal
 import sys
+import threading
+import time
+import traceback
 from pathlib import Path
 
 from .config import Recipe
@@ -92,9 +97,13 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel,
     stay busy until the last chains: 5 seeds x 2 strategies on 2 workers end at about half the total
     work, where whole chains per task would leave one worker idle through a dense round. Each round
     gives the same numbers in whichever process runs it (a resume is the same thing). Each worker is
-    a fresh process whose BLAS uses cores // jobs threads."""
+    a fresh process whose BLAS uses cores // jobs threads.
+
+    Ctrl-C, a worker's error or a dead worker stop the other workers at once (a round's files are
+    written atomically, so a stopped round leaves nothing half-written); a dead worker raises
+    :class:`WorkerDied`."""
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing.connection import wait
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     saved = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     imp = IMP(recipe, run_dir, kernel=kernel)
@@ -116,22 +125,26 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel,
         return rounds - ready[key] + 1, -seeds.index(key[0])
 
     common = (data_dir, download, quiet, kernel)
+    workers: list[_Worker] = []
+    clean = False
     for k in saved:
         os.environ[k] = threads
-    pool = None
     try:
-        pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init)
-        running = {}
-        while ready or running:
-            while ready and len(running) < jobs:
+        _start_workers(mp.get_context("spawn"), jobs, workers)
+        idle = list(workers)
+        busy = {}   # a busy worker's connection -> (worker, (seed, strategy))
+        while ready or busy:
+            while ready and idle:
                 key = max(ready, key=rounds_left)
                 r = ready.pop(key)
-                fut = pool.submit(_task, (recipe, run_dir, key[0], key[1], r) + common + (clock.state(),))
-                running[fut] = key
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                key = running.pop(fut)
-                s, st, r, ok, diverged = fut.result()   # a worker's exception is raised here
+                w = idle.pop(0)
+                w.send((recipe, run_dir, key[0], key[1], r) + common + (clock.state(),))
+                busy[w.conn] = (w, key)
+            signalled = wait(list(busy) + [w.process.sentinel for w in workers])
+            for conn in [c for c in signalled if c in busy]:
+                w, key = busy.pop(conn)
+                s, st, r, ok, diverged = w.result()   # a worker's exception is raised here
+                idle.append(w)
                 clock.done += recipe.train.iterations
                 if st == "dense":
                     chains = waiting.pop(s)
@@ -144,16 +157,12 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel,
                     print(f"finished: {recipe.net} seed {s} {name} ({clock.done}/{clock.total} "
                           f"iterations of the command, elapsed {hms(clock.elapsed())}, eta "
                           f"{clock.eta()})", file=sys.stderr, flush=True)
-    except BaseException:
-        # Ctrl-C (the workers ignore it) or a worker's error: stop the rounds in flight at once.
-        # Their files are written atomically, so a stopped round leaves nothing half-written.
-        procs = getattr(pool, "_processes", None) or {}   # ProcessPoolExecutor has no public kill
-        for proc in list(procs.values()):
-            proc.terminate()
-        raise
+            for w in workers:   # a worker gone without its result (or while idle)
+                if w.process.sentinel in signalled:
+                    raise w.died()
+        clean = True
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        _stop_workers(workers, clean)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -161,11 +170,135 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel,
                 os.environ[k] = v
 
 
-def _worker_init() -> None:
-    """A --jobs worker ignores SIGINT: Ctrl-C reaches the whole process group, and the parent
-    alone handles it (it stops the workers and prints one line)."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+class WorkerDied(Exception):
+    """A --jobs worker process ended without finishing its round (killed, out of memory)."""
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of a worker's exception, chained to the exception raised again in the parent."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+#: Ctrl-C and a closed terminal reach the whole process group, and a service manager may send
+#: SIGTERM to it: the workers ignore all three, and the parent stops them.
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class _Worker:
+    """One worker process (``index`` counts from 1) and the parent's end of its pipe, which carries
+    a task to the worker and its result back."""
+
+    def __init__(self, index: int, process, conn):
+        self.index, self.process, self.conn = index, process, conn
+
+    def send(self, payload) -> None:
+        try:
+            self.conn.send(payload)
+        except OSError:   # the worker is gone: its end of the pipe is closed
+            raise self.died() from None
+
+    def result(self) -> tuple:
+        """The finished round's ``_task`` value; the worker's exception is raised again here."""
+        try:
+            reply = self.conn.recv()
+        except (EOFError, OSError):
+            raise self.died() from None
+        if reply[0] == "error":
+            raise reply[1] from _RemoteTraceback(reply[2])
+        return reply[1]
+
+    def died(self) -> WorkerDied:
+        self.process.join(5)   # a closed pipe can come a moment before the exit status
+        code = self.process.exitcode
+        how = ("still running" if code is None else f"signal {-code}" if code < 0
+               else f"exit status {code}")
+        return WorkerDied(f"worker {self.index} died ({how}); finished rounds are saved; rerun the "
+                          "same command to resume")
+
+
+def _start_workers(ctx, jobs: int, workers: list) -> None:
+    """Start ``jobs`` worker processes, appended to ``workers`` as each one starts (so that the
+    caller stops them whatever happens next). The stop signals stay blocked while they start: a
+    worker is born with them blocked and ignores them before it unblocks them, and a signal meant
+    for this process waits until the workers are in ``workers``."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        for i in range(1, jobs + 1):
+            ours, theirs = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(theirs, os.getpid()), name=f"nprune-worker-{i}")
+            try:
+                p.start()
+            finally:
+                theirs.close()
+            workers.append(_Worker(i, p, ours))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _stop_workers(workers: list, clean: bool) -> None:
+    """End the workers and wait for them. After the last round (``clean``) each one is told to
+    return; otherwise (Ctrl-C, an error, a dead worker) each one is killed at once: they ignore
+    the stop signals, and a round in flight would only be lost later."""
+    if clean:
+        for w in workers:
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+        for w in workers:
+            w.process.join(10)
+    for w in workers:
+        if w.process.exitcode is None:
+            w.process.kill()
+    for w in workers:
+        w.process.join()
+        w.conn.close()
+        w.process.close()
+
+
+def _worker_main(conn, parent_pid: int) -> None:
+    """A worker process: run the tasks that come through ``conn``, one at a time, and send back
+    ``("ok", value)`` or ``("error", exception, traceback text)``, until ``None`` comes. It exits
+    at once when the parent dies, kill -9 included: an idle worker sees its pipe closed, a busy one
+    is caught by :func:`_watch_parent`."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    while True:
+        try:
+            payload = conn.recv()
+        except (EOFError, OSError):
+            os._exit(1)
+        if payload is None:
+            return
+        try:
+            reply = ("ok", _task(payload))
+        except BaseException as e:
+            reply = ("error", _portable(e), traceback.format_exc())
+        try:
+            conn.send(reply)
+        except OSError:
+            os._exit(1)
+
+
+def _watch_parent(parent_pid: int, every: float = 0.5) -> None:
+    """End this process once its parent is gone: the orphan gets another parent (init or a
+    subreaper), so ``os.getppid()`` changes."""
+    while os.getppid() == parent_pid:
+        time.sleep(every)
+    os._exit(1)
+
+
+def _portable(e: BaseException) -> BaseException:
+    """``e`` if it survives pickling, else a RuntimeError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
 
 
 def _next_round(imp: IMP, seed: int, strategy: str, rounds: int) -> int | None:
