@@ -305,7 +305,7 @@ def test_every_recipe_setting_has_one_flag_with_its_help_and_choices():
     ([], ["lenet300-6bb87241f2", "lenet5-328f248623"]),
     (["--net", "lenet300", "--iterations", "300", "--eval-every", "100", "--rounds", "4", "--seeds", "2",
       "--scope", "global", "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05"], ["lenet300-63ab814477"]),
-    (["--preset", "seed"], ["lenet300-28176629ae", "lenet5-713ab209c1"]),
+    (["--preset", "seed"], ["lenet300-c19a5bae46", "lenet5-27e5041e4f"]),
     (["--preset", "lth", "--net", "lenet5", "--rate", "0.3", "--layer-rates", "fc1=0.25", "--val", "1000",
       "--init", "he_normal", "--weight-decay", "1e-4", "--finetune-lr-factor", "0.2",
       "--dataset", "fashion-mnist"], ["lenet5-7b2b1ef95f"]),
