@@ -472,3 +472,21 @@ def test_a_diverged_run_exits_3_with_one_line_naming_the_chain(tmp_path):
     run = next(tmp_path.glob("lenet300-*"))
     assert "diverged" in (run / "summary.md").read_text()
     assert "True" in (run / "results.csv").read_text().splitlines()[1]
+
+
+def test_a_deleted_round_file_is_recomputed_when_the_run_is_extended(tmp_path):
+    """The command line's resume: a round whose final.npz is gone is computed again, with one line,
+    before the next round is added; the summary has every row."""
+    real_mnist()
+    args = ["--net", "lenet300", "--iterations", "100", "--eval-every", "50", "--seeds", "1",
+            "--strategies", "rewind", "--val", "1000", "--kernel", "dense", "--quiet", "--out", str(tmp_path)]
+    assert run_cli(*args, "--rounds", "2").returncode == 0
+    run = next(tmp_path.glob("lenet300-*"))
+    (run / "seed_0" / "rewind" / "round_2" / "final.npz").unlink()
+    r = run_cli(*args, "--rounds", "3")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == ["nprune: seed_0/rewind/round_2 is not finished (final.npz is "
+                                     "missing); it is computed again"]
+    assert (run / "seed_0" / "rewind" / "round_3" / "metrics.json").exists()
+    table = (run / "summary.md").read_text().split("## Training time")[0]
+    assert all(f"| {k} |" in table for k in range(4))
