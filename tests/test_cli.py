@@ -420,7 +420,7 @@ def test_a_run_ends_with_the_paths_and_prints_tables_only_when_asked(tmp_path):
     r = run_cli(*args, "--print-tables", "--quiet")                      # resumes: nothing to train
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith((run / "summary.md").read_text())
-    assert r.stdout.splitlines()[-4:] == lines
+    assert r.stdout.splitlines()[-5:] == lines
 
 
 @pytest.mark.parametrize("bad", ["gif", "png,", "png,jpg", ","])
