@@ -133,7 +133,7 @@ class IMP(RunFolder):
                               test_acc=res.test_acc[-1])
         metrics = {"seed": seed, "strategy": strategy if r else "dense", "round": r,
                    "weights": report, "percent_left": report["total"]["percent"],
-                   "lr": cfg.lr, "diverged": False}
+                   "lr": cfg.lr, "test_every": cfg.test_every, "diverged": False}
         self.save_arrays(rd / "masks.npz", {k: v.astype(bool) for k, v in masks.items()})
         self.save_arrays(rd / "start.npz", model.get_weights())
         try:
