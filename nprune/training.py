@@ -15,8 +15,8 @@
   (``early_stop_test_acc``), the same bits as evaluating it at the early-stop iteration itself. With
   ``test_every = N > 0`` (a multiple of ``eval_every``) the test set is also evaluated at every
   evaluation whose iteration is a multiple of N, for a test curve. The test curves (``test_loss``,
-  ``test_acc``) hold NaN at the evaluations where the test set was not evaluated; the last entry
-  (the final iteration) is always measured.
+  ``test_acc``) hold None (JSON null) at the evaluations where the test set was not evaluated; the
+  last entry (the final iteration) is always measured.
 * Divergence: the round is diverged, and :class:`DivergenceError` is raised, when
 
   1. the training loss of a step is not finite (checked at every step, raised at once), or
@@ -91,8 +91,8 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     """Curves and summary numbers of one training run (all plain Python types, JSON-ready). The
-    curves have one entry per evaluation; ``test_loss`` and ``test_acc`` are NaN where the test set
-    was not evaluated (see ``TrainConfig.test_every``)."""
+    curves have one entry per evaluation; ``test_loss`` and ``test_acc`` are None where the test
+    set was not evaluated (see ``TrainConfig.test_every``)."""
     iterations: list = field(default_factory=list)
     train_loss: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
@@ -156,7 +156,7 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
     optimizer : an optimiser bound to ``model``; built from ``cfg`` when None. Its state is reset.
     snapshot_at : iterations after which to copy the weights (0 = before the first step).
     progress : called as ``progress(iteration, total, result)`` after each evaluation (the last
-        entries of ``result.test_acc``/``test_loss`` are NaN where the test set was not evaluated).
+        entries of ``result.test_acc``/``test_loss`` are None where the test set was not evaluated).
 
     Returns
     -------
@@ -217,7 +217,7 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
                                       f"(the first step's, at least {DIVERGE_MIN_REFERENCE:g})")
             vl, va = evaluate(model, x_val, data.y_val, cfg.eval_batch)
             tested = last or (cfg.test_every and it % cfg.test_every == 0)
-            tl, ta = test() if tested else (math.nan, math.nan)
+            tl, ta = test() if tested else (None, None)
             res.iterations.append(it)
             res.train_loss.append(mean_loss)
             run_loss, run_n = 0.0, 0

@@ -116,8 +116,8 @@ def test_test_set_only_where_read_gives_the_same_results(synth, lr):
         assert getattr(r0, k) == getattr(r1, k), k
     i = r1.iterations.index(r1.early_stop_iter)
     assert r1.early_stop_test_acc == r1.test_acc[i]
-    # sparse curve: NaN except at the final evaluation
-    assert all(np.isnan(v) for v in r0.test_acc[:-1] + r0.test_loss[:-1])
+    # sparse curve: None (JSON null) except at the final evaluation
+    assert all(v is None for v in r0.test_acc[:-1] + r0.test_loss[:-1])
     assert r0.test_acc[-1] == r1.test_acc[-1] and r0.test_loss[-1] == r1.test_loss[-1]
     assert np.all(np.isfinite(r1.test_acc))
 
@@ -268,11 +268,10 @@ def test_sparse_test_curve_in_curves_csv_progress_and_plot():
     from nprune.experiment.plots import RunInfo, draw_curves
     from nprune.experiment.progress import Progress
     from nprune.experiment.report import SPARSE_CURVE_COLUMNS, curves_csv
-    nan = float("nan")
     m = {"seed": 0, "strategy": "dense", "round": 0, "percent_left": 100.0, "diverged": False,
          "weights": {"total": {"left": 10, "percent": 100.0}},
          "curves": {"iterations": [10, 20], "train_loss": [1.0, 0.5], "val_loss": [0.9, 0.4],
-                    "val_acc": [0.7, 0.8], "test_loss": [nan, 0.45], "test_acc": [nan, 0.81]}}
+                    "val_acc": [0.7, 0.8], "test_loss": [None, 0.45], "test_acc": [None, 0.81]}}
     rows = curves_csv([m]).splitlines()
     head = rows[0].split(",")
     assert set(SPARSE_CURVE_COLUMNS) <= set(head)
@@ -281,7 +280,7 @@ def test_sparse_test_curve_in_curves_csv_progress_and_plot():
         assert first[head.index(col)] == "" and last[head.index(col)] != ""
     out = io.StringIO()
     p = Progress("lenet300", stream=out, every=0)
-    p("eval", seed=0, strategy="dense", round=0, iteration=10, total=20, val_acc=0.7, test_acc=nan)
+    p("eval", seed=0, strategy="dense", round=0, iteration=10, total=20, val_acc=0.7, test_acc=None)
     p("eval", seed=0, strategy="dense", round=0, iteration=20, total=20, val_acc=0.8, test_acc=0.81)
     lines = out.getvalue().splitlines()
     assert "test" not in lines[0] and "test 81.00%" in lines[1]

@@ -377,8 +377,8 @@ def cmd_train(a) -> int:
 
 
 def _pct_or_blank(v: float) -> str:
-    """``v`` in percent, or blank where it was not measured (NaN: the test set between tests)."""
-    return f"{100 * v:.2f}" if v == v else ""
+    """``v`` in percent, or blank where it was not measured (None: the test set between tests)."""
+    return "" if v is None or v != v else f"{100 * v:.2f}"
 
 
 def _write_train_json(path, record: dict) -> None:

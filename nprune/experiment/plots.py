@@ -9,7 +9,7 @@
   minimum validation loss was at the last evaluation and the true early stop is unknown.
 * ``curves``: test accuracy over training iterations, one panel (with its own y range) per strategy,
   one line per round (mean over seeds) coloured by round. Only the evaluations where the test set
-  was evaluated are drawn (NaN elsewhere in the saved curve): a full curve needs ``--test-every``;
+  was evaluated are drawn (null elsewhere in the saved curve): a full curve needs ``--test-every``;
   without it each round has its final point only (drawn as a marker).
 
 Every title names the net, data set, strategies, seeds and iterations per round. The ``draw_*``
@@ -223,7 +223,7 @@ def _pick_rounds(rs: list, most: int = MAX_CURVES) -> list:
 
 def _mean_curve(ms: list):
     """Mean test-accuracy curve over seeds (on the iterations they share), at the evaluations where
-    every seed's test accuracy was measured (the saved curve holds NaN (or null) elsewhere)."""
+    every seed's test accuracy was measured (the saved curve holds null elsewhere)."""
     cs = [m["curves"] for m in ms if m.get("curves") and m["curves"].get("iterations")]
     if not cs:
         return None

@@ -53,7 +53,7 @@ def curves_csv(rows: list) -> str:
 
 
 def _sparse(v):
-    """A cell of a sparse column: empty where nothing was measured (NaN or null)."""
+    """A cell of a sparse column: empty where nothing was measured (null)."""
     return "" if v is None or (isinstance(v, float) and v != v) else _fmt(v)
 
 
