@@ -46,7 +46,7 @@ def run_nprune(net, data, seed, iterations, eval_every):
     model = nets.build(net, np.random.default_rng([seed, 0, 0]), init="glorot_normal")
     init = model.get_weights()
     cfg = TrainConfig(optimizer=opt, lr=lr, momentum=mom, batch_size=bs, iterations=iterations,
-                      eval_every=eval_every)
+                      eval_every=eval_every, test_every=eval_every)   # the whole test curve
     res, _ = train(model, data, cfg, np.random.default_rng([seed, 1, 0]))
     return init, {"iterations": res.iterations, "val_loss": res.val_loss, "val_acc": res.val_acc,
                   "test_acc": res.test_acc, "seconds": res.seconds}

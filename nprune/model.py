@@ -4,6 +4,12 @@ dotted name such as ``"fc1.W"``.
 Forward is ``x -> layer_1 -> ... -> layer_L -> logits``; backward runs the layers in reverse, starting
 from ``dL/dlogits``. The first layer is told it need not compute ``dL/dx`` (nothing upstream wants it),
 which saves a GEMM per step.
+
+Flat buffers: when every parameter has one dtype, all parameters (weights and biases, in layer
+order) are views of one contiguous 1-D array, :attr:`Sequential.flat_params`, and their gradients
+views of another, :attr:`Sequential.flat_grads`, at the same offsets (:attr:`Sequential.flat_layout`).
+The layers see ordinary arrays; an optimiser can update the whole model in a few long passes over
+the flat arrays (:mod:`nprune.optim`) instead of one short pass per parameter.
 """
 from __future__ import annotations
 
@@ -36,7 +42,31 @@ class Sequential:
         self._first_param = next((i for i, l in enumerate(self.layers) if l.params), 0)
         if self.layers:
             self.layers[self._first_param].need_dx = False
+        self._flatten()
         self._cache_views()
+
+    def _flatten(self) -> None:
+        """Move every parameter and gradient into the flat buffers (see the module docstring):
+        ``flat_params`` (P,), ``flat_grads`` (P,) and ``flat_layout`` {name: (start, end)}. With
+        parameters of several dtypes nothing moves and the three are None."""
+        self.flat_params = self.flat_grads = self.flat_layout = None
+        owned = [(f"{n}.{k}", l, k) for n, l in zip(self.names, self.layers) for k in l.params]
+        dtypes = {l.params[k].dtype for _, l, k in owned}
+        if len(dtypes) != 1:
+            return
+        layout, off = {}, 0
+        for name, l, k in owned:
+            layout[name] = (off, off + l.params[k].size)
+            off += l.params[k].size
+        dtype = dtypes.pop()
+        fp, fg = np.empty(off, dtype), np.empty(off, dtype)
+        for name, l, k in owned:
+            a, b = layout[name]
+            for d, flat in ((l.params, fp), (l.grads, fg)):
+                view = flat[a:b].reshape(d[k].shape)
+                view[...] = d[k]
+                d[k] = view
+        self.flat_params, self.flat_grads, self.flat_layout = fp, fg, layout
 
     # ----- names -------------------------------------------------------------------------------
     def _cache_views(self) -> None:

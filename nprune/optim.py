@@ -40,6 +40,14 @@ Everything else in this module makes a step cheap without changing a bit of its 
   entry (revived entries start at 0), also from and to full-size per-parameter state when a
   parameter enters or leaves the group. ``compact=False`` forces the dense path everywhere,
   ``compact=True`` puts every masked parameter in the group.
+* **Flat buffers.** When the model keeps its parameters and gradients in flat buffers
+  (:attr:`~nprune.model.Sequential.flat_params`), the state arrays are views of one flat buffer
+  per key at the same offsets, and the dense path's re-mask reads one flat copy of the masks (1 where
+  nothing is pruned). The dense path then merges the work items of consecutive parameters into runs
+  over the flat arrays and cuts the runs, not each parameter, into chunks of :data:`CHUNK`: a few
+  long chunks for the whole model instead of one or more short ones per parameter (a chunk that
+  meets no pruned parameter skips the re-mask; multiplying an unpruned entry by 1 changes no bit).
+  The compact path gathers and scatters the whole fused group with one index into the flat arrays.
 * **Subnormal flush** (:data:`FLUSH_EVERY`, :data:`FLUSH_BELOW`): see there.
 """
 from __future__ import annotations
@@ -48,6 +56,7 @@ import math
 
 import numpy as np
 
+from .flat import chunked_items, flat_runs, offset_in
 from .layers import mask_to_apply
 
 #: Every FLUSH_EVERY steps, the state entries that decay geometrically while their gradient is zero
@@ -144,6 +153,7 @@ class Optimizer:
         self._group = None       # the compact path's fused group (see _compact_group)
         self._no_group = None    # the masks for which no parameter qualified
         self._chunks = None      # the dense path's work items and their arrays' ids (_dense_items)
+        self._flat_state = None  # {key: flat state buffer} when the model has flat buffers
         self.t = 0
 
     def reset(self) -> None:
@@ -152,6 +162,7 @@ class Optimizer:
         self._group = None
         self._no_group = None
         self._chunks = None
+        self._flat_state = None
         self.t = 0
 
     def step(self) -> None:
@@ -189,12 +200,29 @@ class Optimizer:
         raise NotImplementedError
 
     def _slots(self, name: str, p: np.ndarray, keys) -> dict[str, np.ndarray]:
-        """``state[name]``, created as zero arrays like ``p`` under ``keys`` on first use."""
+        """``state[name]``, created as zero arrays like ``p`` under ``keys`` on first use: views of
+        the flat state buffers when the model has flat buffers holding ``p``."""
         s = self.state.get(name)
         if s is None:
-            s = {k: np.zeros_like(p) for k in keys}
+            s = {k: self._zero_state(name, p, k) for k in keys}
             self.state[name] = s
         return s
+
+    def _zero_state(self, name: str, p: np.ndarray, key: str) -> np.ndarray:
+        """A zeroed state array like ``p``: its view of the flat state buffer ``key`` when the
+        model's flat buffers hold ``p``, else a new array."""
+        fp, layout = getattr(self.model, "flat_params", None), getattr(self.model, "flat_layout", None)
+        if fp is None or name not in layout or offset_in(p, fp) != layout[name][0]:
+            return np.zeros_like(p)
+        if self._flat_state is None:
+            self._flat_state = {}
+        buf = self._flat_state.get(key)
+        if buf is None:
+            buf = self._flat_state[key] = np.zeros_like(fp)
+        a, b = layout[name]
+        view = buf[a:b].reshape(p.shape)
+        view[...] = 0
+        return view
 
     # -- dense path (see the module docstring) --------------------------------------------------
     def _dense_items(self, params, grads, masks, group) -> list:
@@ -210,7 +238,8 @@ class Optimizer:
         key = tuple(id(a) for w in work for a in w)
         if self._chunks is None or self._chunks[0] != key:
             work = [(p, g, mask_to_apply(m), *s) for p, g, m, *s in work]
-            self._chunks = (key, _with_scratch(_chunked(work, CHUNK)))
+            flat = getattr(self.model, "flat_params", None)
+            self._chunks = (key, _with_scratch(flat_runs(work, flat, CHUNK)))
         return self._chunks[1]
 
     def _flush_state(self, group) -> None:
@@ -275,8 +304,24 @@ class Optimizer:
         for n in layout:
             self.state.pop(n, None)
         self._group = g = {"names": layout, "masks": {n: masks.get(n) for n in params},
-                           "state": state, "p": np.empty(off, dtype), "g": np.empty(off, dtype)}
+                           "state": state, "p": np.empty(off, dtype), "g": np.empty(off, dtype),
+                           "flat": self._flat_index(layout, params)}
         return g
+
+    def _flat_index(self, layout, params):
+        """The group's entries as one index into the model's flat buffers (member after member, in
+        the order of ``layout``), or None when a member is not where the flat layout says."""
+        model = self.model
+        fp, fg = getattr(model, "flat_params", None), getattr(model, "flat_grads", None)
+        if fp is None:
+            return None
+        grads, parts = model.grads(), []
+        for n, (idx, a, b) in layout.items():
+            off = model.flat_layout[n][0]
+            if offset_in(params[n], fp) != off or offset_in(grads[n], fg) != off:
+                return None
+            parts.append(off + (np.arange(b - a) if idx is None else idx))
+        return np.concatenate(parts).astype(np.intp)
 
     def _full_state(self, name, key, p):
         """Full-size (raveled) state ``key`` of ``name`` from the current group or per-parameter
@@ -302,12 +347,21 @@ class Optimizer:
         for n in g["names"]:
             if n not in keep and n in params:
                 p = params[n]
-                self.state[n] = {k: self._full_state(n, k, p).reshape(p.shape).copy()
-                                 for k in self._update_keys() if k not in self.scratch_keys}
+                keys = [k for k in self._update_keys() if k not in self.scratch_keys]
+                full = {k: self._full_state(n, k, p).reshape(p.shape) for k in keys}
+                for k, v in self._slots(n, p, keys).items():
+                    np.copyto(v, full[k])
 
     def _compact_step(self, g, params, grads) -> None:
         """Gather the group's live parameters and gradients, update them at once, scatter back."""
         pz, gz = g["p"], g["g"]
+        if g["flat"] is not None:
+            fp, gidx = self.model.flat_params, g["flat"]
+            np.take(fp, gidx, out=pz, mode="clip")
+            np.take(self.model.flat_grads, gidx, out=gz, mode="clip")
+            self._update(pz, gz, *(g["state"][k] for k in self._update_keys()))
+            fp[gidx] = pz
+            return
         for n, (idx, a, b) in g["names"].items():
             if idx is None:
                 np.copyto(pz[a:b], params[n].reshape(-1))
@@ -389,21 +443,6 @@ def make_optimizer(name: str, model, lr: float, momentum: float = 0.0, weight_de
 
 
 # ----- dense-path helpers ---------------------------------------------------------------------------
-
-def _chunked(work, chunk: int) -> list:
-    """The work items ``(p, g, mask, *arrays)`` with every item larger than ``chunk`` entries cut
-    into items of flat views of at most ``chunk`` entries (C-contiguous arrays only: views)."""
-    out = []
-    for w in work:
-        n = w[0].size
-        if n <= chunk or not all(a is None or a.flags.c_contiguous for a in w):
-            out.append(w)
-            continue
-        flat = [None if a is None else a.reshape(-1) for a in w]
-        for lo in range(0, n, chunk):
-            out.append(tuple(None if f is None else f[lo:lo + chunk] for f in flat))
-    return out
-
 
 def _with_scratch(items) -> list:
     """The work items with their scratch slots (``None`` entries after ``(p, g, mask)``) filled:

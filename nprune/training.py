@@ -5,11 +5,28 @@
   of an epoch is dropped, so every step sees exactly ``batch_size`` examples.
 * Budget: exactly ``iterations`` optimiser steps, crossing epoch boundaries as needed.
 * Evaluation: every ``eval_every`` steps (and after the last step) the model is evaluated on the
-  validation and the test split; losses and accuracies are kept as curves.
+  validation split; losses and accuracies are kept as curves.
 * Early stopping, as Frankle & Carbin measure it: the early-stop iteration is the evaluated iteration
-  of minimum *validation* loss; the test accuracy reported "at early stop" is the one measured at that
-  iteration. Selection never looks at the test set.
-* Divergence: a non-finite training loss raises :class:`DivergenceError` at once.
+  of minimum *validation* loss; the test accuracy reported "at early stop" is the one of the weights
+  of that iteration. Selection never looks at the test set.
+* Test set: evaluated only where a result reads it. Whenever the validation loss improves, the
+  weights are copied into one buffer (allocated once, overwritten in place); after the last step the
+  test set is evaluated on the final weights (``final_test_acc``) and on that copy
+  (``early_stop_test_acc``), the same bits as evaluating it at the early-stop iteration itself. With
+  ``test_every = N > 0`` (a multiple of ``eval_every``) the test set is also evaluated at every
+  evaluation whose iteration is a multiple of N, for a test curve. The test curves (``test_loss``,
+  ``test_acc``) hold None (JSON null) at the evaluations where the test set was not evaluated; the
+  last entry (the final iteration) is always measured.
+* Divergence: the round is diverged, and :class:`DivergenceError` is raised, when
+
+  1. the training loss of a step is not finite (checked at every step, raised at once), or
+  2. the mean training loss over an evaluation period (the steps since the previous evaluation)
+     exceeds ``DIVERGE_FACTOR`` times the *reference* loss, ``max(loss of the first step,
+     DIVERGE_MIN_REFERENCE)`` (checked at every evaluation, and after the last step).
+
+  Rule 2 catches a run whose loss grows to ~1e20 without overflowing (Adam at a huge learning rate
+  bounds each step by ``lr``). The floor on the reference keeps a round that starts almost
+  memorised (finetuning: first loss ~1e-3) from being flagged for an ordinary bump.
 * Step: :func:`train_step` (forward, loss, flush of tiny logit gradients, backward), then the
   optimiser's step.
 """
@@ -37,13 +54,24 @@ from .optim import make_optimizer
 #: so it rarely changes a float32 bit of the weights.
 GRAD_FLUSH_BELOW = 1e-30
 
+#: a period's mean training loss above this many times the reference loss is divergence (rule 2)
+DIVERGE_FACTOR = 10.0
+#: the reference of rule 2 is at least this (nats): 10x it is far above chance level (ln 10 = 2.3
+#: for ten classes), so only a run that got confidently wrong trips the rule
+DIVERGE_MIN_REFERENCE = 1.0
+
 
 class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss."""
+    """Training diverged: a non-finite step loss, or a period's mean loss far above the first
+    step's (see the module docstring). ``iteration`` and ``loss`` say where and what; ``rule`` is
+    ``"non-finite"`` or ``"growth"``."""
 
-    def __init__(self, iteration: int, loss: float):
-        super().__init__(f"training diverged: loss {loss} at iteration {iteration}")
-        self.iteration, self.loss = iteration, loss
+    def __init__(self, iteration: int, loss: float, rule: str = "non-finite", detail: str = ""):
+        what = ("non-finite training loss" if rule == "non-finite" else
+                "mean training loss of the evaluation period")
+        super().__init__(f"training diverged: {what} {loss} at iteration {iteration}"
+                         + (f" ({detail})" if detail else ""))
+        self.iteration, self.loss, self.rule = iteration, loss, rule
 
 
 @dataclass(frozen=True)
@@ -57,11 +85,14 @@ class TrainConfig:
     iterations: int = 5000
     eval_every: int = 100
     eval_batch: int = 5000
+    test_every: int = 0
 
 
 @dataclass
 class TrainResult:
-    """Curves and summary numbers of one training run (all plain Python types, JSON-ready)."""
+    """Curves and summary numbers of one training run (all plain Python types, JSON-ready). The
+    curves have one entry per evaluation; ``test_loss`` and ``test_acc`` are None where the test
+    set was not evaluated (see ``TrainConfig.test_every``)."""
     iterations: list = field(default_factory=list)
     train_loss: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
@@ -124,12 +155,16 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
     rng : generator for the data order only.
     optimizer : an optimiser bound to ``model``; built from ``cfg`` when None. Its state is reset.
     snapshot_at : iterations after which to copy the weights (0 = before the first step).
-    progress : called as ``progress(iteration, total, result)`` after each evaluation.
+    progress : called as ``progress(iteration, total, result)`` after each evaluation (the last
+        entries of ``result.test_acc``/``test_loss`` are None where the test set was not evaluated).
 
     Returns
     -------
     (TrainResult, {iteration: weights})
     """
+    if cfg.test_every < 0 or (cfg.test_every and cfg.eval_every and cfg.test_every % cfg.eval_every):
+        raise ValueError(f"test_every must be 0 or a multiple of eval_every ({cfg.eval_every}), "
+                         f"got {cfg.test_every}")
     opt = optimizer or make_optimizer(cfg.optimizer, model, cfg.lr, cfg.momentum, cfg.weight_decay)
     opt.reset()
     res = TrainResult()
@@ -141,12 +176,21 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
     # evaluated many times: held as nprune.evaluate.evaluation_copy says (same bits, maybe faster)
     x_val, x_test = data.x_val, data.x_test
     if cfg.eval_every or cfg.iterations:
-        x_val, x_test = (evaluation_copy(model, a, cfg.eval_batch) for a in (x_val, x_test))
+        x_val = evaluation_copy(model, x_val, cfg.eval_batch)
+    if cfg.test_every:
+        x_test = evaluation_copy(model, x_test, cfg.eval_batch)
+
+    def test():
+        return evaluate(model, x_test, data.y_test, cfg.eval_batch)
+
     xb = np.empty((cfg.batch_size,) + x.shape[1:], x.dtype)
     yb = np.empty((cfg.batch_size,), y.dtype)
     t0 = time.perf_counter()
     run_loss, run_n = 0.0, 0
+    reference = math.inf      # rule 2's reference loss (module docstring)
     best = math.inf
+    best_w = None             # the weights of the best evaluation not tested then (one buffer)
+    early_test, early_pending = math.nan, False   # pending: early stop to be tested on best_w
     it = 0
     for idx in batches(len(x), cfg.batch_size, cfg.iterations, rng):
         # mode="clip" (idx is a permutation slice, always in range): with the default "raise" NumPy
@@ -155,18 +199,27 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
         np.take(y, idx, axis=0, out=yb, mode="clip")
         loss, _ = train_step(model, xb, yb)
         if not math.isfinite(loss):
-            raise DivergenceError(it + 1, loss)
+            raise DivergenceError(it + 1, loss, "non-finite")
+        if it == 0:
+            reference = max(loss, DIVERGE_MIN_REFERENCE)
         opt.step()
         it += 1
         run_loss += loss
         run_n += 1
         if it in want:
             snaps[it] = model.get_weights()
-        if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iterations:
+        last = it == cfg.iterations
+        if (cfg.eval_every and it % cfg.eval_every == 0) or last:
+            mean_loss = run_loss / run_n
+            if mean_loss > DIVERGE_FACTOR * reference:
+                raise DivergenceError(it, mean_loss, "growth",
+                                      f"> {DIVERGE_FACTOR:g} x {reference:.4g}, the reference loss "
+                                      f"(the first step's, at least {DIVERGE_MIN_REFERENCE:g})")
             vl, va = evaluate(model, x_val, data.y_val, cfg.eval_batch)
-            tl, ta = evaluate(model, x_test, data.y_test, cfg.eval_batch)
+            tested = last or (cfg.test_every and it % cfg.test_every == 0)
+            tl, ta = test() if tested else (None, None)
             res.iterations.append(it)
-            res.train_loss.append(run_loss / run_n)
+            res.train_loss.append(mean_loss)
             run_loss, run_n = 0.0, 0
             res.val_loss.append(vl)
             res.val_acc.append(va)
@@ -177,10 +230,36 @@ def train(model, data, cfg: TrainConfig, rng: np.random.Generator, optimizer=Non
             if key < best:
                 best = key
                 res.early_stop_iter, res.early_stop_val_loss = it, vl
-                res.early_stop_val_acc, res.early_stop_test_acc = va, ta
+                res.early_stop_val_acc, early_test, early_pending = va, ta, not tested
+                if not tested:
+                    best_w = _copy_weights(model, best_w)
             if progress is not None:
                 progress(it, cfg.iterations, res)
+    if early_pending:
+        # the early stop was not tested when it happened: evaluate the kept weights, then put the
+        # final ones back (bit for bit: plain copies, no re-masking)
+        final_w = _copy_weights(model)
+        _load_weights(model, best_w)
+        early_test = test()[1]
+        _load_weights(model, final_w)
+    res.early_stop_test_acc = early_test
     res.final_test_acc = res.test_acc[-1] if res.test_acc else float("nan")
     res.final_val_acc = res.val_acc[-1] if res.val_acc else float("nan")
     res.seconds = time.perf_counter() - t0
     return res, snaps
+
+
+def _copy_weights(model, out: dict | None = None) -> dict:
+    """Every parameter of ``model`` copied into ``out`` (arrays overwritten in place; allocated on
+    the first call with ``out=None``). Returns ``out``."""
+    if out is None:
+        return {k: v.copy() for k, v in model.params().items()}
+    for k, v in model.params().items():
+        np.copyto(out[k], v)
+    return out
+
+
+def _load_weights(model, w: dict) -> None:
+    """Copy ``w`` into the live parameters, bit for bit (pruned entries of ``w`` are already 0)."""
+    for k, v in model.params().items():
+        np.copyto(v, w[k])

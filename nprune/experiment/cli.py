@@ -16,8 +16,8 @@ from .. import nets
 from ..data.fsutil import atomic_write_json
 from ..kernels import CHOICES as KERNELS
 from ..kernels import ThresholdsError, apply_kernel
-from .config import (FIELDS, NET_OPTIMIZER, PRESET_FIELDS, PRESETS, ConfigError, Recipe, check,
-                     preset_recipe)
+from .config import (FIELDS, NET_OPTIMIZER, PRESET_FIELDS, PRESETS, TEST_EVERY_HELP, ConfigError,
+                     Recipe, check, preset_recipe)
 from .imp import IMP
 from .strategies import STRATEGIES, check_strategy
 from .progress import Clock, hms
@@ -259,6 +259,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-rates", help="explicit per-layer rates, e.g. fc1=0.2,fc2=0.2,fc3=0.1 "
                                          "(default: none; the layers follow --rate)")
     add_recipe_flags(p, RUN_FIELDS)
+    p.add_argument("--test-every", type=int, default=0, metavar="N", help=TEST_EVERY_HELP)
     p.add_argument("--seeds", help="a count (3 -> seeds 0,1,2), a list (0,3,7) or a range (0-4) "
                                    f"(default: the preset's; for default, {len(plan['seeds'])}: seed "
                                    + ",".join(map(str, plan["seeds"])) + ")")
@@ -294,6 +295,7 @@ def resolve(args) -> list[dict]:
     for net in wanted:
         recipe, rounds = preset_recipe(args.preset, net, given(args, RUN_FIELDS), args.rate,
                                        layer_rates, args.rounds)
+        recipe = recipe.with_test_every(args.test_every)
         for s in strategies:
             try:
                 check_strategy(s, recipe.train)
@@ -328,6 +330,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--net", choices=list(nets.NETS), default="lenet300", help="network to train")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
     add_recipe_flags(p, TRAIN_CMD_FIELDS, net_default)
+    p.add_argument("--test-every", type=int, default=0, metavar="N", help=TEST_EVERY_HELP)
     p.add_argument("--seed", type=int, default=0, help="the seed of a single run")
     p.add_argument("--seeds", help="run several seeds one after another and end with a table and "
                                    "their mean: a count (5 -> 0..4), a list (0,3,7) or a range "
@@ -367,8 +370,9 @@ def cmd_train(a) -> int:
     per_epoch = len(data.x_train) // recipe.train.batch_size
     if a.evals_per_epoch > per_epoch:
         raise UsageError(f"--evals-per-epoch {a.evals_per_epoch} exceeds the {per_epoch} steps per epoch")
-    cfg = dataclasses.replace(recipe.train, iterations=a.epochs * per_epoch,
-                              eval_every=per_epoch // a.evals_per_epoch)
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(
+        recipe.train, iterations=a.epochs * per_epoch, eval_every=per_epoch // a.evals_per_epoch))
+    cfg = recipe.with_test_every(a.test_every).train
     runs = []
     for seed in seeds:
         model = nets.build(a.net, np.random.default_rng([seed, 0, 0]), init=recipe.init)
@@ -380,7 +384,7 @@ def cmd_train(a) -> int:
 
         def show(it, total, r):
             print(f"| {it / per_epoch:.2f} | {it} | {r.train_loss[-1]:.4f} | {r.val_loss[-1]:.4f} | "
-                  f"{100 * r.val_acc[-1]:.2f} | {100 * r.test_acc[-1]:.2f} | {time.perf_counter() - t0:.1f} |",
+                  f"{100 * r.val_acc[-1]:.2f} | {_pct_or_blank(r.test_acc[-1])} | {time.perf_counter() - t0:.1f} |",
                   flush=True)
         res, _ = train(model, data, cfg, np.random.default_rng([seed, 1, 0]), progress=show)
         # the early stop is the result; the maximum over evaluations would be selected on the test set
@@ -396,6 +400,11 @@ def cmd_train(a) -> int:
     if len(runs) > 1:
         print(train_summary_markdown(runs, per_epoch))
     return 0
+
+
+def _pct_or_blank(v: float) -> str:
+    """``v`` in percent, or blank where it was not measured (None: the test set between tests)."""
+    return "" if v is None or v != v else f"{100 * v:.2f}"
 
 
 def _write_train_json(path, record: dict) -> None:

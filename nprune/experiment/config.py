@@ -172,6 +172,26 @@ class Recipe:
     def train_config(self, lr_factor: float = 1.0) -> TrainConfig:
         return dataclasses.replace(self.train, lr=self.train.lr * lr_factor)
 
+    def with_test_every(self, test_every: int | None) -> "Recipe":
+        """A copy whose training also evaluates the test set every ``test_every`` iterations
+        (:data:`TEST_EVERY_HELP`; None keeps the current value). Not a recipe setting: the test set
+        never changes the weights, so it is left out of the flat view and of the hash, as
+        ``eval_batch`` is."""
+        if test_every is None:
+            return self
+        every = self.train.eval_every
+        if test_every < 0 or (test_every and every and test_every % every):
+            raise ConfigError("test_every", f"{{subject}} must be 0 or a multiple of the evaluation "
+                                            f"interval ({every}), got {test_every}")
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, test_every=test_every))
+
+
+#: help of ``--test-every`` (``run`` and ``train``)
+TEST_EVERY_HELP = ("also evaluate the test set every N iterations (a multiple of the evaluation "
+                   "interval), for a full test curve in curves.csv and the curves plot; 0: only at "
+                   "the early stop and the final iteration, which is all results.csv and summary.md "
+                   "read. Not part of the recipe hash")
+
 
 def _check_rates(net: str, rates: tuple, rule: str) -> None:
     layers = prunable_layers(net)
@@ -196,12 +216,13 @@ class FieldSpec:
 def _flat_fields(owner, section=None) -> dict:
     """The settings of the dataclass instance ``owner`` in order, nested dataclasses spliced in
     place, defaults read from ``owner``. ``eval_batch`` (how many images one evaluation step takes:
-    memory, not numbers) is left out of the recipe."""
+    memory, not numbers) and ``test_every`` (when the test set is evaluated: it never changes the
+    weights, nor the test accuracies reported) are left out of the recipe."""
     cls = type(owner)
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
-        if f.name == "eval_batch":
+        if f.name in ("eval_batch", "test_every"):
             continue
         value = getattr(owner, f.name)
         if dataclasses.is_dataclass(value):

@@ -186,7 +186,8 @@ class IMP(RunFolder):
                  "start.npz": self.save_arrays(rd / "start.npz", model.get_weights())}
         metrics = {"seed": seed, "strategy": strategy if r else "dense", "round": r,
                    "weights": report, "percent_left": report["total"]["percent"],
-                   "lr": cfg.lr, "diverged": False, "files": files, "recipe_hash": self.recipe_hash}
+                   "lr": cfg.lr, "test_every": cfg.test_every, "diverged": False, "files": files,
+                   "recipe_hash": self.recipe_hash}
         try:
             with np.errstate(over="ignore", invalid="ignore"):   # divergence is reported below
                 res, _ = train(model, self.data, cfg, stream(seed, DATA, r), progress=on_eval)

@@ -11,7 +11,9 @@
   iteration vs percent of weights remaining, for the kernel the rounds ran with (rounds that have
   a ``timing.json``).
 * ``curves``: test accuracy over training iterations, one panel (with its own y range) per strategy,
-  one line per round (mean over seeds) coloured by round.
+  one line per round (mean over seeds) coloured by round. Only the evaluations where the test set
+  was evaluated are drawn (null elsewhere in the saved curve): a full curve needs ``--test-every``;
+  without it each round has its final point only (drawn as a marker).
 
 Every title names the net, data set, strategies, seeds and iterations per round. The ``draw_*``
 functions return the Figure (for tests and notebooks); :func:`all_plots` draws, saves and closes.
@@ -244,13 +246,18 @@ def _pick_rounds(rs: list, most: int = MAX_CURVES) -> list:
 
 
 def _mean_curve(ms: list):
-    """Mean test-accuracy curve over seeds (on the iterations they share)."""
+    """Mean test-accuracy curve over seeds (on the iterations they share), at the evaluations where
+    every seed's test accuracy was measured (the saved curve holds null elsewhere)."""
     cs = [m["curves"] for m in ms if m.get("curves") and m["curves"].get("iterations")]
     if not cs:
         return None
     n = min(len(c["iterations"]) for c in cs)
-    return (np.asarray(cs[0]["iterations"][:n]),
-            np.mean([np.asarray(c["test_acc"][:n], float) for c in cs], axis=0), len(cs))
+    acc = np.mean([np.asarray([np.nan if v is None else v for v in c["test_acc"][:n]], float)
+                   for c in cs], axis=0)
+    keep = np.isfinite(acc)
+    if not keep.any():
+        return None
+    return np.asarray(cs[0]["iterations"][:n])[keep], acc[keep], len(cs)
 
 
 def draw_curves(rows: list, info: RunInfo, max_rounds: int = MAX_CURVES):
@@ -271,7 +278,8 @@ def draw_curves(rows: list, info: RunInfo, max_rounds: int = MAX_CURVES):
             ms = _ok(rounds[r])
             it, acc, k = _mean_curve(ms)
             left = np.mean([m["percent_left"] for m in ms])
-            ax.plot(it, acc * 100, color=shade[r], lw=1.5, label=f"round {r}: {_pct(left)}% left")
+            ax.plot(it, acc * 100, color=shade[r], lw=1.5, marker="o" if len(it) < 3 else None,
+                    ms=4, label=f"round {r}: {_pct(left)}% left")
             lows.append(acc.min() * 100)
             highs.append(acc.max() * 100)
         if lows:

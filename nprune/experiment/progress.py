@@ -72,9 +72,11 @@ class Progress:
             now = time.perf_counter()
             if now - self.last >= self.every or k["iteration"] == k["total"]:
                 self.last = now
+                test = k.get("test_acc")   # None where the test set was not evaluated
+                test = f"test {100 * test:.2f}% " if test is not None and test == test else ""
                 self._print(f"[{self.net} seed {k['seed']} {k['strategy']} round {k['round']}] "
                             f"it {k['iteration']}/{k['total']} val {100 * k['val_acc']:.2f}% "
-                            f"test {100 * k['test_acc']:.2f}% {self._times()}")
+                            f"{test}{self._times()}")
         elif event == "done":
             if self.clock:
                 self.clock.done += self.current

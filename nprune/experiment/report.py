@@ -1,7 +1,7 @@
 """Tables from a run folder: ``results.csv`` (one row per seed, strategy and round), ``curves.csv``
-(one row per evaluation), ``summary.md`` (means over seeds, min-max in brackets), and the plots.
-Everything is rebuilt from the saved ``metrics.json`` files, so ``report RUN_DIR`` works on any run,
-finished or not."""
+(one row per evaluation; its test columns are empty where the test set was not evaluated),
+``summary.md`` (means over seeds, min-max in brackets), and the plots. Everything is rebuilt from
+the saved ``metrics.json`` files, so ``report RUN_DIR`` works on any run, finished or not."""
 from __future__ import annotations
 
 import csv
@@ -52,7 +52,14 @@ def results_csv(rows: list) -> str:
     return buf.getvalue()
 
 
+#: curves.csv columns measured only at some evaluations: the test set is evaluated at the final
+#: iteration and every ``test_every`` iterations (``--test-every``); elsewhere the cell is empty
+SPARSE_CURVE_COLUMNS = ("test_loss", "test_acc")
+
+
 def curves_csv(rows: list) -> str:
+    """One row per evaluation. The cells of :data:`SPARSE_CURVE_COLUMNS` are empty at the
+    evaluations where the test set was not evaluated."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     cols = ["iterations", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc"]
@@ -63,8 +70,14 @@ def curves_csv(rows: list) -> str:
             continue
         for i in range(len(c["iterations"])):
             w.writerow([m["seed"], m["strategy"], m["round"], _fmt(m["percent_left"])] +
-                       [_fmt(c[k][i]) for k in cols])
+                       [_sparse(c[k][i]) if k in SPARSE_CURVE_COLUMNS else _fmt(c[k][i])
+                        for k in cols])
     return buf.getvalue()
+
+
+def _sparse(v):
+    """A cell of a sparse column: empty where nothing was measured (null)."""
+    return "" if v is None or (isinstance(v, float) and v != v) else _fmt(v)
 
 
 def _fmt(v):
