@@ -23,7 +23,8 @@ Timing: ``--repeats`` rounds; in each, every model runs a block of calls of ~``-
 in an order that rotates round by round. Reported: the median seconds per call of each model, and
 auto's ratio to the faster of dense and sparse: ``max(median(auto/dense), median(auto/sparse))``
 of the per-round ratios (a paired comparison: each round's blocks ran back to back), with the range
-of that ratio over the rounds. A row where the ratio exceeds ``1 + --tol`` is measured again with
+of that ratio over the rounds; and auto's speed-up over ``--kernel dense``, the median and range of
+the per-round dense/auto ratios. A row where the ratio exceeds ``1 + --tol`` is measured again with
 twice the repeats (noise guard); if it still exceeds it, the row is marked FAIL and the script exits
 with status 1.
 
@@ -125,7 +126,9 @@ def verdict(ts: dict) -> dict:
     a = np.array(ts["auto"])
     rd, rs = a / np.array(ts["dense"]), a / np.array(ts["sparse"])
     worst = rd if np.median(rd) >= np.median(rs) else rs
+    sp = np.array(ts["dense"]) / a
     return {"med": {k: float(np.median(v)) for k, v in ts.items()},
+            "speedup": float(np.median(sp)), "sp_lo": float(sp.min()), "sp_hi": float(sp.max()),
             "ratio": float(np.median(worst)), "lo": float(worst.min()), "hi": float(worst.max()),
             "vs": "dense" if worst is rd else "sparse"}
 
@@ -210,11 +213,12 @@ def main():
                              f"{md['sparse'] * 1e3:.2f}", f"{md['auto'] * 1e3:.2f}",
                              choices(models["auto"][0], "eval" if name != "train" else "train"),
                              f"{res['ratio']:.3f} ({res['lo']:.2f}-{res['hi']:.2f}) vs {res['vs']}",
-                             status])
+                             status, f"{res['speedup']:.2f}x ({res['sp_lo']:.2f}-{res['sp_hi']:.2f})"])
                 print(f"  {net} round {rnd} {name}: {rows[-1][3:]}", flush=True)
         print(f"\n## {net}\n")
         print(md_table(["round", "weights left", "mode", "dense ms", "sparse ms", "auto ms",
-                        "auto per layer", "auto / faster (range)", "check"], rows))
+                        "auto per layer", "auto / faster (range)", "check",
+                        "dense / auto (range)"], rows))
         print()
     print(f"{failures} row(s) fail" if failures else "all rows within tolerance")
     raise SystemExit(1 if failures else 0)
