@@ -24,9 +24,11 @@ in an order that rotates round by round. Reported: the median seconds per call o
 auto's ratio to the faster of dense and sparse: ``max(median(auto/dense), median(auto/sparse))``
 of the per-round ratios (a paired comparison: each round's blocks ran back to back), with the range
 of that ratio over the rounds; and auto's speed-up over ``--kernel dense``, the median and range of
-the per-round dense/auto ratios. A row where the ratio exceeds ``1 + --tol`` is measured again with
-twice the repeats (noise guard); if it still exceeds it, the row is marked FAIL and the script exits
-with status 1.
+the per-round dense/auto ratios. Also ``best``: auto's fastest block over the fastest
+block of either other model. A row where the ratio exceeds ``1 + --tol`` is measured again with
+three times the repeats (noise guard); if both the ratio and ``best`` still exceed it, the row is
+marked FAIL and the script exits with status 1 (a real loss shows in both; on a loaded machine a
+single disturbed block moves one of them).
 
 Usage: python benchmarks/auto_check.py [--blas-threads N] [--nets lenet300,lenet5] [--rounds 0,3,6]
                                        [--thresholds FILE] [--repeats 7] [--tol 0.05]
@@ -127,10 +129,11 @@ def verdict(ts: dict) -> dict:
     rd, rs = a / np.array(ts["dense"]), a / np.array(ts["sparse"])
     worst = rd if np.median(rd) >= np.median(rs) else rs
     sp = np.array(ts["dense"]) / a
+    best = float(a.min() / min(min(ts["dense"]), min(ts["sparse"])))
     return {"med": {k: float(np.median(v)) for k, v in ts.items()},
             "speedup": float(np.median(sp)), "sp_lo": float(sp.min()), "sp_hi": float(sp.max()),
             "ratio": float(np.median(worst)), "lo": float(worst.min()), "hi": float(worst.max()),
-            "vs": "dense" if worst is rd else "sparse"}
+            "vs": "dense" if worst is rd else "sparse", "best": best}
 
 
 def choices(model, mode) -> str:
@@ -205,14 +208,16 @@ def main():
                 res = verdict(time_paired(fns, a.repeats, a.target))
                 status = "ok"
                 if res["ratio"] > 1 + a.tol:
-                    res = verdict(time_paired(fns, 2 * a.repeats, a.target))
-                    status = "ok (2nd)" if res["ratio"] <= 1 + a.tol else "FAIL"
+                    res = verdict(time_paired(fns, 3 * a.repeats, a.target))
+                    status = ("ok (2nd)" if min(res["ratio"], res["best"]) <= 1 + a.tol
+                              else "FAIL")
                 failures += status == "FAIL"
                 md = res["med"]
                 rows.append([rnd, f"{100 * left:.1f}%", name, f"{md['dense'] * 1e3:.2f}",
                              f"{md['sparse'] * 1e3:.2f}", f"{md['auto'] * 1e3:.2f}",
                              choices(models["auto"][0], "eval" if name != "train" else "train"),
-                             f"{res['ratio']:.3f} ({res['lo']:.2f}-{res['hi']:.2f}) vs {res['vs']}",
+                             f"{res['ratio']:.3f} ({res['lo']:.2f}-{res['hi']:.2f}) vs {res['vs']}; "
+                             f"best {res['best']:.3f}",
                              status, f"{res['speedup']:.2f}x ({res['sp_lo']:.2f}-{res['sp_hi']:.2f})"])
                 print(f"  {net} round {rnd} {name}: {rows[-1][3:]}", flush=True)
         print(f"\n## {net}\n")
