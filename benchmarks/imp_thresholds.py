@@ -10,12 +10,14 @@ with :func:`nprune.kernels.calibrate.measure_thresholds` (``masks=``, break-even
 ``--margin``), at the batch sizes a run uses -- training at the recipe's batch (60 / 64, class
 ``small``); inference at the evaluation chunks (512 rows for LeNet-300-100, class ``large``; 64 and
 256 images for LeNet-5, class ``small``) -- in both memory orders (the ``_f`` modes), once at 1 BLAS
-thread and once at 2. The threshold of an entry is the geometric mean of the last density where
+thread and once at 2. Only those (class, mode) entries enter the table (:data:`USED`). The threshold of an entry is the geometric mean of the last density where
 the kernel is at least as fast as dense and the first where it is not.
 
 The table for 1 thread is written as ``thresholds`` and the one for 2 threads as
 ``thresholds_by_threads["2"]`` (see :mod:`nprune.kernels.thresholds`); entries this script does not
-measure (batch 1; LeNet-5's large batches) are kept from ``--base``.
+use (batch 1; LeNet-300-100's training at large and inference at small batches; LeNet-5's large
+batches) are kept from ``--base`` (by default the shipped table; in the shipped table they come from
+the random-mask calibration, ``python -m nprune.kernels.calibrate calibrate --runs 2``).
 
 Usage: python benchmarks/imp_thresholds.py [--out FILE] [--ship] [--base FILE] [--repeats 7] [--margin 1.0]
 """
@@ -37,6 +39,27 @@ from nprune.kernels.thresholds import SHIPPED_FILE, THRESHOLDS_FORMAT, check_thr
 
 BATCHES = {"lenet300": {"small": (60,), "large": (512,)},
            "lenet5": {"small": (64, 256)}}
+TRAIN_MODES = ("train", "train_dx", "train_f", "train_dx_f")
+EVAL_MODES = ("eval", "eval_f")
+#: the (batch class, modes) a run meets, per net: only these measured entries enter the table
+USED = {"lenet300": {"small": TRAIN_MODES, "large": EVAL_MODES},
+        "lenet5": {"small": TRAIN_MODES + EVAL_MODES}}
+
+
+def merge(base: dict, measured: dict) -> dict:
+    """``base`` (a {shape: {class: {mode: threshold}}} table) with the ``measured`` entries
+    (measured[net] = such a table) that a run uses (:data:`USED`) put in; a shape that gets an
+    ``eval_f`` entry gets one in every class (batch 1: the same as its ``eval``)."""
+    full = copy.deepcopy(base)
+    for net, table in measured.items():
+        for key, classes in table.items():
+            for cls, modes in classes.items():
+                used = {m: v for m, v in modes.items() if m in USED[net].get(cls, ())}
+                full.setdefault(key, {}).setdefault(cls, {}).update(used)
+            if any("eval_f" in m for m in full[key].values()):
+                for modes in full[key].values():
+                    modes.setdefault("eval_f", modes.get("eval"))
+    return full
 COMMAND = "python benchmarks/imp_thresholds.py"
 
 
@@ -58,7 +81,7 @@ def main():
     tables = {}
     meas = []
     for threads in (1, 2):
-        table = {}
+        measured = {}
         for net in ("lenet300", "lenet5"):
             rounds = imp_masks(net, data, ROUNDS[net], a.iters_per_round)
             specs = calibrate.calibration_layers([net])
@@ -66,18 +89,10 @@ def main():
             t, m = calibrate.measure_thresholds(specs=specs, batches=BATCHES[net], masks=masks,
                                                 threads=[threads], margin=a.margin,
                                                 repeats=a.repeats, verbose=True)
-            for key, classes in t.items():
-                table.setdefault(key, {}).update(classes)
+            measured[net] = t
             meas += [dict(x, threads=threads, net=net) for x in m]
-        full = copy.deepcopy(base["thresholds"])
-        for key, classes in table.items():
-            for cls, modes in classes.items():
-                full.setdefault(key, {}).setdefault(cls, {}).update(modes)
-            for modes in full[key].values():     # batch 1 (not measured here): eval_f follows eval
-                if "eval_f" not in modes and any("eval_f" in m for m in classes.values()):
-                    modes["eval_f"] = modes.get("eval")
-        tables[threads] = full
-        print(f"threads {threads}: {json.dumps(table)}", flush=True)
+        tables[threads] = merge(base["thresholds"], measured)
+        print(f"threads {threads}: {json.dumps(measured)}", flush=True)
     obj = {"format": THRESHOLDS_FORMAT, "source": "shipped",
            "command": f"{COMMAND} --margin {a.margin:g} --repeats {a.repeats}",
            "machine": env_info(), "margin": a.margin,
