@@ -33,7 +33,8 @@ file exists, else the table shipped in the package (``thresholds.json`` next to 
 :data:`SHIPPED_THRESHOLDS`). The shipped table was measured on the development machine by
 ``python benchmarks/imp_thresholds.py`` on the masks of a lottery-ticket schedule, at 1 thread
 (``thresholds``) and 2 (``thresholds_by_threads``), at the batch sizes a run uses (its command is
-in the file); its batch-1 entries come from the random-mask calibration.
+in the file); the entries a run does not use (batch 1, for instance) come from the random-mask
+calibration.
 """
 from __future__ import annotations
 
