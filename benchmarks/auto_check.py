@@ -53,7 +53,7 @@ from nprune.training import batches, train_step
 
 RATES = {"lenet300": {"fc1.W": 0.2, "fc2.W": 0.2, "fc3.W": 0.1},
          "lenet5": {"conv1.W": 0.1, "conv2.W": 0.1, "fc1.W": 0.2, "fc2.W": 0.1}}
-#: rounds of the schedule (LeNet-300-100 round 19: 1.5% left; LeNet-5 round 19: 1.9%)
+#: rounds of the schedule (LeNet-300-100 round 19: 1.5% left; LeNet-5 round 19: 2.3%)
 ROUNDS = {"lenet300": 19, "lenet5": 19}
 BATCH = {"lenet300": 60, "lenet5": 64}
 EVAL_BATCH = 5000
