@@ -9,13 +9,13 @@ the test accuracy after the steps for both, and inference throughput at batch 10
 
 Variants (each trains its own copy from the same weights, masks and data order; blocks interleaved
 in a rotating order):
-* ``dense``: masked dense kernels + the dense optimiser (``compact=False``): every weight updated, pruned ones masked;
-* ``dense+copt``: masked dense kernels + the compact optimiser (nprune.optim's default);
+* ``dense``: ``--kernel dense``, what a user gets without the sparse kernels: masked dense kernels +
+  the compact optimiser (nprune.optim's default);
 * ``auto``: ``apply_kernel(model, "auto")`` + the compact optimiser: per layer, the sparse kernel iff the
   mask density is <= the threshold of the thresholds table in use (the user's calibration from
   ``python -m nprune.kernels.calibrate calibrate`` if any, else the shipped table) -- a lookup, no timing;
-* ``dense+copt again``: ``dense+copt`` a second time, to show the noise floor of the comparison.
-Speedups are against ``dense``; "auto / dense+copt" isolates the kernels (same optimiser).
+* ``dense again``: ``dense`` a second time, to show the noise floor of the comparison.
+Speed-ups are auto against ``dense``.
 Inference: ``chunked_logits(model, x_test[:10000])`` (C-ordered input), and the same images from
 each model's :func:`~nprune.evaluate.feature_major` copy (``predict(model, fm)``), the layout
 the training loop evaluates from when the first layer may run sparse; the feature-major speed-up is
@@ -97,7 +97,7 @@ def main():
             w0 = model.get_weights()
             idx_all = list(batches(n_train, 60, steps, np.random.default_rng(rnd)))
             per_block = steps // blocks
-            variants = ("dense", "dense+copt", "auto", "dense+copt again")
+            variants = ("dense", "auto", "dense again")
             times = {v: [] for v in variants}
             accs = {}
             # interleaved blocks: each variant trains its own copy of the weights with its own Adam
@@ -107,7 +107,7 @@ def main():
                 m.set_masks(masks)
                 m.set_weights(w0)
                 apply_kernel(m, "auto" if choice == "auto" else "dense")
-                models[choice] = (m, Adam(m, 1.2e-3, compact=False if choice == "dense" else None))
+                models[choice] = (m, Adam(m, 1.2e-3))
             # one warm-up step each, timed (first-call costs: buffers, the kernels' structures and
             # auto's table lookups; reported separately; steady state below)
             warm_idx = list(batches(n_train, 60, 1, np.random.default_rng(1000 + rnd)))
@@ -148,8 +148,7 @@ def main():
                     calls[k]()
                     inf[k].append(time.perf_counter() - t0)
             td, ta = np.median(times["dense"]) * per_epoch, np.median(times["auto"]) * per_epoch
-            tc = np.median(times["dense+copt"]) * per_epoch
-            tc2 = np.median(times["dense+copt again"]) * per_epoch
+            tc2 = np.median(times["dense again"]) * per_epoch
             calib = first["auto"] - np.median(times["auto"])
             idn, ia = np.median(inf[("dense", "C")]), np.median(inf[("auto", "C")])
             idf, iaf = np.median(inf[("dense", "FM")]), np.median(inf[("auto", "FM")])
@@ -160,15 +159,14 @@ def main():
                                     else "/".join(("S" if v["use"] else "D")
                                                   for _, v in sorted(r["decisions"].items())))
                 for r in rep)
-            rows.append([rnd, f"{100 * left:.1f}%", f"{td:.2f}", f"{tc:.2f}", f"{ta:.2f}", f"{td / ta:.2f}x",
-                         f"{ta / tc:.3f}", f"{tc2 / tc:.3f}",
+            rows.append([rnd, f"{100 * left:.1f}%", f"{td:.2f}", f"{ta:.2f}", f"{td / ta:.2f}x",
+                         f"{tc2 / td:.3f}",
                          f"{accs['dense']:.4f}", f"{accs['auto']:.4f}", f"{10000 / idn:.0f}", f"{10000 / ia:.0f}",
                          f"{idn / ia:.2f}x", f"{10000 / iaf:.0f}", f"{10000 / idf:.0f}",
                          f"{best_dense / iaf:.2f}x", f"{calib * 1e3:.0f}", chosen])
             out["levels"].append({"net": net, "round": rnd, "weights_left": float(left),
                                   "epoch_s_dense": float(td), "epoch_s_auto": float(ta),
-                                  "epoch_s_dense_compact_opt": float(tc), "acc_dense_copt": accs["dense+copt"],
-                                  "epoch_s_dense_compact_opt_again": float(tc2),
+                                  "epoch_s_dense_again": float(tc2),
                                   "auto_first_step_extra_s": float(calib), "first_step_s": first,
                                   "acc_dense": accs["dense"], "acc_auto": accs["auto"],
                                   "infer_s_dense": float(idn), "infer_s_auto": float(ia),
@@ -179,8 +177,8 @@ def main():
                                   "density_per_layer": {k: float(v.mean()) for k, v in masks.items()}})
             print(f"  {net} round {rnd}: {100 * left:.1f}% left, epoch {td:.2f}s dense vs {ta:.2f}s auto", flush=True)
         print(f"\n## {net}\n")
-        print(md_table(["round", "weights left", "s/epoch dense", "s/epoch dense+copt", "s/epoch auto",
-                        "epoch speedup (auto)", "auto / dense+copt", "dense+copt again / dense+copt (noise)",
+        print(md_table(["round", "weights left", "s/epoch dense", "s/epoch auto",
+                        "epoch speedup (auto)", "dense again / dense (noise)",
                         "acc dense", "acc auto", "infer img/s dense", "infer img/s auto",
                         "infer speedup", "infer img/s auto, feature-major",
                         "infer img/s dense, feature-major", "infer speedup, feature-major (vs the faster dense)",

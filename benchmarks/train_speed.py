@@ -1,8 +1,9 @@
-"""Dense training speed of nprune vs PyTorch CPU on LeNet-300-100 and LeNet-5, in one run.
+"""Dense training speed of nprune vs PyTorch CPU on LeNet-300-100 and LeNet-5.
 
 Usage::
 
-    python benchmarks/train_speed.py [--epochs 3] [--nets lenet300,lenet5] [--no-torch] [--threads N]
+    python benchmarks/train_speed.py [--threads N] [--epochs 3] [--reps 3] [--nets lenet300,lenet5]
+                                     [--steps S] [--torch-python PYTHON] [--no-torch]
 
 Recipes (same for both frameworks): LeNet-300-100 Adam lr 1.2e-3 batch 60; LeNet-5 (Caffe: conv 20@5x5,
 maxpool 2, conv 50@5x5, maxpool 2, fc 500 + ReLU, fc 10) SGD lr 0.01 momentum 0.9 batch 64. MNIST
@@ -11,16 +12,27 @@ tensors made with ``torch.from_numpy`` for torch); each epoch is a permutation f
 ``nprune.training.batches`` (the same indices for both frameworks), the last partial batch dropped. The
 torch model starts from the nprune model's initial weights. The timed loop is exactly
 ``nprune.training.train``'s inner loop (``np.take`` into buffers, ``train_step``, ``opt.step``), no
-evaluation; the time of one evaluation pass over 15,000 images (``evaluate`` val + test; the
-second of two passes in a row) is reported separately.
+evaluation; nprune runs the default dense path (``--kernel dense``: masked dense GEMMs and the
+compact optimiser, what an unpruned run gets).
 
-The two frameworks train in turns, epoch by epoch (nprune, torch, nprune, ...), so that drift of a
-shared machine hits both alike. Reported per net and framework: median seconds per epoch over
-``--epochs`` epochs (after a short warm-up), ratio nprune/torch (of the medians; also the median and
-range of the per-turn ratios), achieved GEMM GFLOP/s and its fraction of the fp32 GEMM peak (2048^3,
-measured by ``gemm_peak.peak_gflops`` in the same run), and the peak RSS of a separate child process
-that loads the data, trains the net for one epoch and evaluates (the peak resident memory of
-that child, i.e. the training process's own peak; read as ``VmHWM``, see :func:`peak_rss_mb`).
+Variants, each trained in a process of its own (a fresh interpreter per measurement, so that neither
+framework's threads, allocator or flush-to-zero state touches the other):
+
+* ``nprune``;
+* ``torch``: ``torch.optim.Adam`` / ``SGD`` with their defaults. Adam's second-moment state decays
+  towards the subnormal range for weights whose gradient stays zero, and x86 arithmetic on subnormals
+  is slow, so its epochs get slower as training goes on;
+* ``torch ftz``: the same after ``torch.set_flush_denormal(True)`` (subnormals flushed to zero, as
+  nprune's optimiser does in its own way);
+* ``torch fused``: ``fused=True`` (one fused kernel for the whole update; Adam and SGD).
+
+The measurements run in turns -- nprune, torch, torch ftz, torch fused, then again in a rotated order,
+``--reps`` times -- so that drift of a shared machine hits all alike. Each child warms up on 20 batches,
+restores the initial weights and times ``--epochs`` epochs. Reported per net and variant: the median
+seconds per epoch over all its epochs, its first and last epoch (medians over the reps), achieved
+GEMM GFLOP/s and its fraction of the fp32 GEMM peak (2048^3, measured by ``gemm_peak.peak_gflops`` in
+the parent at the same thread count), and nprune's time over the variant's: the median and range of
+the ratios of the measurements that ran next to each other (rep by rep, per epoch).
 
 FLOP count per step (GEMM FLOPs only, forward + backward): for every Dense ``(in -> out)`` with batch N
 it is ``2*N*in*out`` for the forward, the same for dW and the same for dx except for the first layer;
@@ -80,11 +92,12 @@ def step_flops(model, batch):
     return total
 
 
-def time_epochs(runners, n, bs, epochs, seed):
+def time_epochs(runners, n, bs, epochs, seed, steps=None):
     """Warm up every runner's ``run`` on 20 batches and ``restart()`` it (weights and optimiser back
     to the start), then time ``epochs`` epochs of the same seeded permutation batches, the runners
     taking turns epoch by epoch (A, B, A, B, ...) so that a machine that slows down or speeds up
-    during the run affects them alike. Returns {name: [seconds per epoch]}."""
+    during the run affects them alike. Returns {name: [seconds per epoch]}. ``steps``: time only the
+    first ``steps`` batches of each epoch and scale the time to the whole epoch."""
     import numpy as np
     from nprune.training import batches
     for r in runners.values():
@@ -94,10 +107,11 @@ def time_epochs(runners, n, bs, epochs, seed):
     times = {name: [] for name in runners}
     for _ in range(epochs):
         idxs = list(batches(n, bs, n // bs, rng))
+        timed = idxs[:steps] if steps else idxs
         for name, r in runners.items():
             t0 = time.perf_counter()
-            r["run"](idxs)
-            times[name].append(time.perf_counter() - t0)
+            r["run"](timed)
+            times[name].append((time.perf_counter() - t0) * len(idxs) / len(timed))
     return times
 
 
@@ -136,13 +150,6 @@ def setup_nprune(net, data, seed=0):
                 flops_per_step=step_flops(model, bs), bs=bs, n=len(x))
 
 
-def time_nprune(net, data, epochs, seed=0):
-    """nprune alone (the peak-memory child)."""
-    r = setup_nprune(net, data, seed)
-    time_epochs({"nprune": r}, r["n"], r["bs"], epochs, seed)
-    r["evaluate"]()
-
-
 def torch_model(net, init):
     """The torch twin of ``nprune.nets.build(net)``, with ``init``'s weights (nprune names and layout);
     ``init`` None keeps torch's own default initialisation."""
@@ -167,16 +174,16 @@ def torch_model(net, init):
     return m
 
 
-def setup_torch(net, data, init):
+def setup_torch(net, data, init, fused=False):
     import numpy as np
     import torch
     import torch.nn.functional as F
     opt_name, lr, mom, bs = RECIPES[net]
     model = torch_model(net, init)
     if opt_name == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=mom)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=mom, fused=fused or None)
     x = torch.from_numpy(data.x_train)
     y = torch.from_numpy(data.y_train.astype(np.int64))
 
@@ -206,98 +213,99 @@ def setup_torch(net, data, init):
     return dict(run=run, restart=restart, evaluate=evaluate)
 
 
-def peak_rss_mb():
-    """This process's peak resident set in MB: ``VmHWM`` from /proc/self/status (Linux), else
-    ``ru_maxrss``. (``ru_maxrss`` of a freshly exec'd child also counts the *parent's* RSS at fork
-    time -- Linux keeps the larger of the old and new address space's high-water mark across
-    execve -- so it would charge the benchmark's own memory, torch included, to the child.)"""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+VARIANTS = ("nprune", "torch", "torch ftz", "torch fused")
 
 
-def child_rss(net, threads):
-    """Peak RSS (MB) of a fresh process that loads MNIST, trains ``net`` one epoch and evaluates."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", net, "--epochs", "1"]
+def child(variant, net, epochs, threads, steps=None):
+    """One measurement (in a fresh process): {"epoch_s": [...], "steps_per_epoch", "flops_per_step"}."""
+    data = load_data()
+    r = setup_nprune(net, data)
+    if variant == "nprune":
+        runner = r
+    else:
+        import torch
+        if threads:
+            torch.set_num_threads(threads)
+        if variant == "torch ftz":
+            torch.set_flush_denormal(True)
+        runner = setup_torch(net, data, r["init"], fused=variant == "torch fused")
+    times = time_epochs({variant: runner}, r["n"], r["bs"], epochs, 0, steps)[variant]
+    return {"epoch_s": times, "steps_per_epoch": r["steps_per_epoch"],
+            "flops_per_step": r["flops_per_step"]}
+
+
+def run_child(python, variant, net, epochs, threads, steps=None):
+    cmd = [python, os.path.abspath(__file__), "--child", variant, "--nets", net, "--epochs", str(epochs)]
+    if steps:
+        cmd += ["--steps", str(steps)]
     if threads:
         cmd += ["--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(HERE, ".."),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs timed per measurement")
+    ap.add_argument("--reps", type=int, default=3, help="measurements per variant (in turns)")
     ap.add_argument("--nets", default="lenet300,lenet5")
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--no-rss", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--torch-python", default=sys.executable,
+                    help="the Python interpreter that has torch (default: this one)")
     ap.add_argument("--threads", type=int, default=None,
                     help="BLAS / torch threads (default: each library's default)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="time only this many steps of each epoch, scaled to the whole epoch")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     _set_threads(args.threads)
 
-    if args.child:  # peak-memory child: train one epoch, evaluate, print the peak RSS in MB
-        data = load_data()
-        time_nprune(args.child, data, 1)
-        print(peak_rss_mb())
+    if args.child:
+        print(json.dumps(child(args.child, args.nets, args.epochs, args.threads, args.steps)))
         return
 
     import numpy as np
     from gemm_peak import peak_gflops
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-            if args.threads:
-                torch.set_num_threads(args.threads)
-        except ImportError:
-            print("(PyTorch not installed: nprune only)")
-    data = load_data()
+    variants = VARIANTS[:1] if args.no_torch else VARIANTS
     peak = peak_gflops()
-    rows, out = [], {"peak_gflops": peak, "epochs": args.epochs, "threads": args.threads,
-                     "torch": None if torch is None else torch.__version__, "nets": {}}
+    out = {"peak_gflops": peak, "epochs": args.epochs, "reps": args.reps, "threads": args.threads,
+           "nets": {}}
+    rows = []
     for net in args.nets.split(","):
-        rss = None if args.no_rss else child_rss(net, args.threads)
-        r = setup_nprune(net, data)
-        runners = {"nprune": r}
-        if torch is not None:
-            runners["torch"] = setup_torch(net, data, r["init"])
-        times = time_epochs(runners, r["n"], r["bs"], args.epochs, 0)
-        fl_epoch = r["flops_per_step"] * r["steps_per_epoch"]
-        # evaluation: each framework twice in a row, the second timed (threads awake, buffers made)
-        res = {fw: {"epoch_s": times[fw], "eval_s": [runners[fw]["evaluate"](), runners[fw]["evaluate"]()][1]}
-               for fw in runners}
-        res["nprune"].update(rss_mb=rss, steps_per_epoch=r["steps_per_epoch"],
-                             flops_per_step=r["flops_per_step"])
+        res = {v: [] for v in variants}
+        for rep in range(args.reps):
+            order = variants[rep % len(variants):] + variants[:rep % len(variants)]
+            for v in order:
+                py = sys.executable if v == "nprune" else args.torch_python
+                res[v].append(run_child(py, v, net, args.epochs, args.threads, args.steps))
+                print(f"  {net} rep {rep} {v}: {res[v][-1].get('epoch_s', res[v][-1])}", flush=True)
         out["nets"][net] = res
-        s_np = float(np.median(times["nprune"]))
-        s_t = float(np.median(times["torch"])) if "torch" in times else None
-        if s_t:   # the epochs ran in turns: the median of the per-turn ratios shrugs off drift
-            pairs = [a / b for a, b in zip(times["nprune"], times["torch"])]
-            res["ratio_per_turn"] = pairs
-            res["ratio_median_of_turns"] = float(np.median(pairs))
-        for fw, s in (("nprune", s_np), ("torch", s_t)):
-            if s is None:
+        base = res["nprune"][0]
+        fl_epoch = base["flops_per_step"] * base["steps_per_epoch"]
+        for v in variants:
+            if any("error" in m for m in res[v]):
+                rows.append(f"| {net} | {v} | failed: {next(m['error'] for m in res[v] if 'error' in m)} |"
+                            + " |" * 6)
                 continue
-            ratio = (f"{s_np / s_t:.2f} ({res['ratio_median_of_turns']:.2f}, "
-                     f"{min(res['ratio_per_turn']):.2f}-{max(res['ratio_per_turn']):.2f})") if s_t else "-"
+            ep = np.array([m["epoch_s"] for m in res[v]])          # reps x epochs
+            s = float(np.median(ep))
             gf = fl_epoch / s / 1e9
-            rss_s = f"{rss:.0f} MB" if (fw == "nprune" and rss) else "-"
-            ev = res[fw]["eval_s"]
-            rows.append(f"| {net} | {fw} | {s:.3f} | {ratio if fw == 'nprune' else ''} | {gf:.1f} | "
-                        f"{100 * gf / peak:.0f}% | {ev:.3f} | {rss_s} |")
-    print(f"\nfp32 GEMM peak (2048^3, this run): {peak:.1f} GFLOP/s; epochs timed: {args.epochs}; "
-          f"threads: {args.threads or 'default'}\n")
-    print("nprune/torch: ratio of the medians (median, min-max of the per-turn ratios; the two ran "
-          "epoch by epoch in turns)\n")
-    print("| net | framework | s/epoch (median) | nprune/torch | GEMM GFLOP/s | % of peak | eval 15k imgs (s) | peak RSS |")
+            ratio = ""
+            if v != "nprune":
+                pairs = (np.array([m["epoch_s"] for m in res["nprune"]]) / ep).ravel()
+                ratio = f"{np.median(pairs):.2f} ({pairs.min():.2f}-{pairs.max():.2f})"
+            rows.append(f"| {net} | {v} | {s:.3f} | {np.median(ep[:, 0]):.3f} | "
+                        f"{np.median(ep[:, -1]):.3f} | {ratio} | {gf:.1f} | {100 * gf / peak:.0f}% |")
+    print(f"\nfp32 GEMM peak (2048^3, this run): {peak:.1f} GFLOP/s; threads: "
+          f"{args.threads or 'default'}; {args.reps} measurements x {args.epochs} epochs per variant, "
+          f"each in its own process, in turns"
+          + (f"; {args.steps} steps timed per epoch, scaled to the epoch" if args.steps else "") + "\n")
+    print("| net | variant | s/epoch (median) | first epoch | last epoch | nprune / variant "
+          "(median, range) | GEMM GFLOP/s | % of peak |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)

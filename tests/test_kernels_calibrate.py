@@ -12,7 +12,8 @@ from kernels_util import table
 
 def test_calibration_modes_per_layer():
     specs = {s["key"]: s for s in calibrate.calibration_layers()}
-    assert calibrate._cal_modes(specs["Dense 784x300"]) == thresholds.AUTO_MODES        # first layer
+    # first layer: its input is C-ordered in training, either order in inference (evaluation copy)
+    assert calibrate._cal_modes(specs["Dense 784x300"]) == thresholds.AUTO_MODES + ("eval_f",)
     assert calibrate._cal_modes(specs["Dense 300x100"]) == thresholds.ALL_MODES
     conv = next(s for k, s in specs.items() if k.startswith("Conv2D 20x50"))
     assert calibrate._cal_modes(conv) == thresholds.AUTO_MODES
@@ -68,3 +69,23 @@ def test_cli_show_and_help(capsys):
     assert calibrate.main([]) == 0
     out = capsys.readouterr().out
     assert all(c in out for c in ("calibrate", "show", "cost-model"))
+
+
+def test_measure_thresholds_on_given_masks():
+    # masks= scans the given masks in increasing density; a class without batch sizes is left out
+    layer = Dense(20, 10, np.random.default_rng(0))
+    spec = {"key": "Dense 20x10", "layer": layer, "in_shape": (20,), "first": True}
+    rng = np.random.default_rng(1)
+    masks = [rng.random((20, 10)) < d for d in (0.5, 0.05, 0.2)]
+    t, meas = calibrate.measure_thresholds(specs=[spec], masks={"Dense 20x10": masks}, repeats=1,
+                                        batches={"small": (4,)}, threads=[1], margin=1.0,
+                                        modes=("eval",))
+    assert set(t["Dense 20x10"]) == {"small"}
+    got = t["Dense 20x10"]["small"]["eval"]
+    dens = sorted(float(m.mean()) for m in masks)
+    assert got is None or dens[0] <= got <= dens[-1]
+    tried = [m["density"] for m in meas if not m.get("retried")]
+    assert tried == sorted(tried) and set(tried) <= set(dens)
+    # a shape the masks do not name is skipped
+    t, _ = calibrate.measure_thresholds(specs=[spec], masks={}, repeats=1, batches={"small": (4,)})
+    assert t == {}

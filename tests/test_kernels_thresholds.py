@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nprune import nets
-from nprune.kernels import ThresholdsError, apply_kernel, calibrate, thresholds
+from nprune.kernels import ThresholdsError, apply_kernel, calibrate, kernel_report, thresholds
 
 from kernels_util import table
 
@@ -34,13 +34,52 @@ def test_shipped_table_is_valid_and_covers_the_nets():
     assert thresholds.check_thresholds(t, "shipped") is t and t["source"] == "shipped"
     keys = {s["key"] for s in calibrate.calibration_layers()}
     assert keys <= set(t["thresholds"])
-    inner = {s["key"] for s in calibrate.calibration_layers() if calibrate._cal_modes(s) == thresholds.ALL_MODES}
-    for shape, classes in t["thresholds"].items():
-        assert set(classes) == set(thresholds.BATCH_CLASSES)
-        want = thresholds.ALL_MODES if shape in inner else thresholds.AUTO_MODES
-        assert all(set(m) == set(want) for m in classes.values()), shape
+    want = {s["key"]: set(calibrate._cal_modes(s)) for s in calibrate.calibration_layers()}
+    assert set(t["thresholds_by_threads"]) == {"2"}
+    for entries in (t["thresholds"], t["thresholds_by_threads"]["2"]):
+        assert set(entries) == set(t["thresholds"])
+        for shape, classes in entries.items():
+            assert set(classes) == set(thresholds.BATCH_CLASSES)
+            assert all(set(m) == want[shape] for m in classes.values()), shape
     assert "machine" in t and "command" in t
     assert thresholds.active_thresholds() is t                  # no user file (fixture)
+
+
+def test_thresholds_by_thread_count(monkeypatch):
+    # the table of the largest thread count not above the process's; below every key: thresholds
+    t = table({"Dense 50x30": {"small": {"eval": 0.1}}})
+    t["thresholds_by_threads"] = {"2": {"Dense 50x30": {"small": {"eval": 0.02}}},
+                                  "4": {"Dense 50x30": {"small": {"eval": None}}}}
+    t = thresholds.check_thresholds(t, "t")
+    got = {n: thresholds.entries(t, n)["Dense 50x30"]["small"]["eval"] for n in (1, 2, 3, 4, 8)}
+    assert got == {1: 0.1, 2: 0.02, 3: 0.02, 4: None, 8: None}
+    for var, n, want in (("OPENBLAS_NUM_THREADS", "1", 0.1), ("OMP_NUM_THREADS", "2", 0.02)):
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv(var, n)
+        assert thresholds.blas_threads() == int(n)
+        assert thresholds.lookup_threshold(t, "Dense 50x30", "small", "eval") == want
+    txt = thresholds.format_thresholds(t)
+    assert "1 BLAS thread:" in txt and "2 BLAS threads or more:" in txt and "4 BLAS threads" in txt
+    # auto follows the thread count's table
+    model = nets.build("lenet300", np.random.default_rng(0))
+    model.set_masks({"fc1.W": np.random.default_rng(0).random((784, 300)) < 0.05})
+    t2 = table({"Dense 784x300": {"small": {"eval": 0.1}}})
+    t2["thresholds_by_threads"] = {"2": {"Dense 784x300": {"small": {"eval": None}}}}
+    for n, use in (("1", True), ("2", False)):
+        monkeypatch.setenv("OMP_NUM_THREADS", n)
+        apply_kernel(model, "auto", thresholds=t2)
+        model.forward(np.zeros((8, 1, 28, 28), np.float32), train=False)
+        assert kernel_report(model)[0]["use_kernel"] == use
+
+
+@pytest.mark.parametrize("by", [[], {"x": {}}, {"0": {}}, {"2": []},
+                                {"2": {"Dense 784x300": {"huge": {}}}}])
+def test_malformed_thresholds_by_threads(by):
+    t = table({})
+    t["thresholds_by_threads"] = by
+    with pytest.raises(ThresholdsError, match="thresholds_by_threads|unknown batch class"):
+        thresholds.check_thresholds(t, "t")
 
 
 BAD_FILES = [

@@ -27,7 +27,7 @@ from ..data.fsutil import atomic_write_json
 from .conv import SparseMatrix
 from .cost import COST
 from .dispatch import make_kernel
-from .thresholds import (ALL_MODES, AUTO_MODES, BATCH_CLASSES, CALIBRATE_COMMAND,
+from .thresholds import (ALL_MODES, AUTO_MODES, BATCH_CLASSES, CALIBRATE_COMMAND, FMAJOR_MODES,
                          THRESHOLDS_FORMAT, ThresholdsError, active_thresholds, check_thresholds,
                          format_thresholds, load_thresholds, shape_key, user_thresholds_path)
 
@@ -143,23 +143,27 @@ def _time_pair(layer, kernel, x, dout, train, threads, limits, repeats) -> dict:
     return out
 
 
-def _passes(res: dict) -> bool:
-    """The kernel is clearly faster: by AUTO_MARGIN in the paired ratio and in the best times, at
-    every thread count measured."""
-    return all(v["ratio"] <= AUTO_MARGIN and v["kernel"] <= AUTO_MARGIN * v["dense"]
-               for v in res.values())
+def _passes(res: dict, margin: float = AUTO_MARGIN) -> bool:
+    """The kernel is faster by ``margin`` in the paired ratio and in the best times, at every
+    thread count measured."""
+    return all(v["ratio"] <= margin and v["kernel"] <= margin * v["dense"] for v in res.values())
 
 
 def _cal_modes(spec, modes=None) -> tuple:
-    """The modes calibrated for a layer: the feature-major ``_f`` modes only for inner Dense layers
-    (a first layer gets C-ordered images; conv layers are batch-last throughout)."""
-    inner_dense = isinstance(spec["layer"], Dense) and not spec["first"]
-    out = ALL_MODES if inner_dense else AUTO_MODES
+    """The modes calibrated for a layer: the feature-major ``_f`` modes for Dense layers -- all three
+    for an inner one (a sparse predecessor leaves its input F-ordered), ``eval_f`` for a first one
+    (the feature-major evaluation copy of :func:`nprune.evaluate.evaluation_copy`); none for conv
+    layers (batch-last throughout)."""
+    if isinstance(spec["layer"], Dense):
+        out = AUTO_MODES + (("eval_f",) if spec["first"] else FMAJOR_MODES)
+    else:
+        out = AUTO_MODES
     return tuple(m for m in out if modes is None or m in modes)
 
 
 def measure_thresholds(specs=None, densities=CAL_DENSITIES, batches=None, repeats=CAL_REPEATS,
-                       verbose=False, seed=0, modes=None) -> tuple[dict, list]:
+                       verbose=False, seed=0, modes=None, masks=None, threads=None,
+                       margin=AUTO_MARGIN) -> tuple[dict, list]:
     """Measure the ``auto`` thresholds on this machine. Returns (thresholds, measurements).
 
     For each layer shape (:func:`calibration_layers`), batch class and mode, at each batch size of
@@ -172,17 +176,32 @@ def measure_thresholds(specs=None, densities=CAL_DENSITIES, batches=None, repeat
     rows and columns, which only helps the kernel), so the thresholds err on the dense side.
     Inner Dense layers are also measured with feature-major (F-ordered) input, the ``_f`` modes
     (:data:`FMAJOR_MODES`; the upstream gradient stays C-ordered, as a dense successor returns it,
-    the kernel's worse case). ``modes``: measure only these modes."""
-    threads, limits = _blas_threads()
+    the kernel's worse case). ``modes``: measure only these modes.
+
+    ``masks`` ({shape key: [boolean masks]}, e.g. the masks of the rounds of a pruning schedule)
+    replaces the random masks of ``densities`` for the shapes it names (other shapes are skipped):
+    they are tried in increasing density, and the threshold is the geometric mean of the last
+    passing and the first failing density (the densest mask's density when none fails).
+    ``threads``: the BLAS thread counts to measure (default 1 and all cores); ``margin``: the
+    kernel's time must be at most this fraction of dense's (:data:`AUTO_MARGIN`). ``batches``:
+    {batch class: batch sizes}; a class with no sizes is left out of the table."""
+    all_threads, limits = _blas_threads()
+    threads = all_threads if threads is None or limits is None else list(threads)
     rng = np.random.default_rng(seed)
     table, meas = {}, []
     for spec in (calibration_layers() if specs is None else specs):
         layer, key = spec["layer"], spec["key"]
+        if masks is not None and key not in masks:
+            continue
+        seq = (sorted(((float(m.mean()), m) for m in masks[key]), key=lambda t: t[0])
+               if masks is not None else None)
         layer.kernel = None
         need_dx0 = layer.need_dx
         cls_batches = batches or (CAL_BATCHES_CONV if isinstance(layer, Conv2D) else CAL_BATCHES)
         table[key] = {}
         for cls in BATCH_CLASSES:
+            if not cls_batches.get(cls):
+                continue
             table[key][cls] = {}
             for mode in _cal_modes(spec, modes):
                 base = mode[:-2] if mode.endswith("_f") else mode
@@ -194,25 +213,29 @@ def measure_thresholds(specs=None, densities=CAL_DENSITIES, batches=None, repeat
                     if mode != base:   # feature-major input, as a sparse predecessor leaves it; the
                         x = np.asfortranarray(x)   # upstream gradient stays C-ordered (worse case)
                     best = None
-                    for d in densities:
+                    scan = seq if seq is not None else [(d, None) for d in densities]
+                    for i, (d, m) in enumerate(scan):
                         if d > thr:
                             break
-                        layer.set_mask("W", rng.random(layer.params["W"].shape) < d)
+                        layer.set_mask("W", m if m is not None
+                                       else rng.random(layer.params["W"].shape) < d)
                         k = make_kernel(layer, "sparse")
                         res = _time_pair(layer, k, x, dout, train, threads, limits, repeats)
-                        ok = _passes(res)
+                        ok = _passes(res, margin)
                         if not ok:                  # a failure is confirmed by a second measurement
                             meas.append({"shape": key, "batch_class": cls, "mode": mode,
                                          "batch": n, "density": d, "pass": ok, "retried": True,
                                          "times": {str(t): v for t, v in res.items()}})
                             res = _time_pair(layer, k, x, dout, train, threads, limits, repeats)
-                            ok = _passes(res)
+                            ok = _passes(res, margin)
                         meas.append({"shape": key, "batch_class": cls, "mode": mode, "batch": n,
                                      "density": d, "pass": ok,
                                      "times": {str(t): v for t, v in res.items()}})
                         if not ok:
+                            if seq is not None and best is not None:
+                                best = round(float(np.sqrt(best * d)), 4)
                             break
-                        best = d
+                        best = d if seq is None else round(d, 4)
                     per[n] = best
                     if best is None:
                         thr = None

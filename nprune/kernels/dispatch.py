@@ -5,7 +5,8 @@
   :class:`~.conv.ConvKernelSparse`) runs every call.
 * ``auto``: an :class:`AutoKernel`, which runs the sparse kernel iff the mask's density is <= the
   threshold of the layer's shape, batch class and mode in a thresholds table
-  (:mod:`~.thresholds`), and the layer's own dense code otherwise. A layer whose shape has no
+  (:mod:`~.thresholds`; the part of it for the process's BLAS thread count), and the layer's own
+  dense code otherwise. A layer whose shape has no
   threshold at all in the table gets no kernel (the dense code, no dispatch).
 
 ``auto`` is a table lookup, not a timing: its choices depend only on the table, the shapes, the masks
@@ -22,7 +23,7 @@ from . import csr
 from .base import SparseKernel, plan_of
 from .conv import ConvKernelSparse
 from .dense import DenseKernelSparse, feature_major
-from .thresholds import (AUTO_MODES, active_thresholds, as_thresholds, batch_class,
+from .thresholds import (AUTO_MODES, active_thresholds, as_thresholds, batch_class, entries,
                          lookup_threshold, mode_key, shape_key)
 
 CHOICES = ("dense", "sparse", "auto")
@@ -77,7 +78,7 @@ class AutoKernel:
         ``"all"``, ``"eval"``, ``"train"`` (both training modes) or None."""
         if not self._is_dense:
             return None
-        classes = list(self.table.get("thresholds", {}).get(shape_key(layer), {}).values())
+        classes = list(entries(self.table).get(shape_key(layer), {}).values())
 
         def never(modes):
             return all(m.get(k) is None or self.density > m[k]
@@ -186,7 +187,7 @@ def sparse_kernel(layer, modes: dict | None = None):
 def _may_use_kernel(table: dict, layer) -> bool:
     """False when the table never uses the kernel for this layer's shape (any batch, mode, input)."""
     key = shape_key(layer)
-    for shape, classes in table.get("thresholds", {}).items():
+    for shape, classes in entries(table).items():
         if shape == key or (isinstance(layer, Conv2D) and shape.startswith(key + " input ")):
             if any(v is not None for modes in classes.values() for v in modes.values()):
                 return True

@@ -15,6 +15,13 @@ A table is a JSON object::
   transposing copy, so it pays at higher densities. A table without an ``_f`` entry makes the layer
   follow the plain mode's threshold.
 
+A table may also hold ``"thresholds_by_threads": {"2": {layer shape: ...}, ...}``: tables for
+processes whose BLAS runs that many threads or more (:func:`blas_threads`; the largest key not above
+it wins, and ``thresholds`` serves thread counts below every key). The dense GEMM speeds up with
+threads and the sparse kernels do not, so the crossover moves down as threads are added: with
+``--jobs 2`` on two cores each worker runs 1 thread, with ``--jobs 1`` the process runs 2.
+Like the BLAS thread count itself, this changes which code runs and so the last float32 bits.
+
 ``auto`` uses a layer's sparse kernel iff the mask's density is <= the threshold of its entry; a
 missing entry or null means the dense code. A table is checked once, where it enters the program
 (:func:`check_thresholds`: a file read by :func:`load_thresholds`, or a dict handed to
@@ -23,14 +30,16 @@ missing entry or null means the dense code. A table is checked once, where it en
 Which table ``auto`` uses (:func:`active_thresholds`): the user's calibration
 (:func:`user_thresholds_path`, written by ``python -m nprune.kernels.calibrate calibrate``) if that
 file exists, else the table shipped in the package (``thresholds.json`` next to this module,
-:data:`SHIPPED_THRESHOLDS`). The shipped table was measured on the development machine by the
-calibration with ``--runs 2`` (the entry-wise minimum of two measurements); its feature-major entries
-by :func:`~nprune.kernels.calibrate.measure_thresholds` with ``modes=FMAJOR_MODES`` twice (seeds 0 and
-1, entry-wise minimum).
+:data:`SHIPPED_THRESHOLDS`). The shipped table was measured on the development machine by
+``python benchmarks/imp_thresholds.py`` on the masks of a lottery-ticket schedule, at 1 thread
+(``thresholds``) and 2 (``thresholds_by_threads``), at the batch sizes a run uses (its command is
+in the file); the entries a run does not use (batch 1, for instance) come from the random-mask
+calibration.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..data.fsutil import cache_dir
@@ -82,6 +91,33 @@ def user_thresholds_path() -> Path:
     return cache_dir() / THRESHOLDS_FILE
 
 
+def blas_threads() -> int:
+    """The BLAS thread count of this process as OpenBLAS sets it at start-up: the
+    ``OPENBLAS_NUM_THREADS`` or ``OMP_NUM_THREADS`` variable if set, else the cores the process
+    may run on."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        v = os.environ.get(var, "").strip()
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def entries(table: dict, threads: int | None = None) -> dict:
+    """The {layer shape: {batch class: {mode: threshold}}} part of ``table`` for ``threads`` BLAS
+    threads (default :func:`blas_threads`): the ``thresholds_by_threads`` entry with the largest key
+    not above it, else ``thresholds``."""
+    by = table.get("thresholds_by_threads")
+    if by:
+        n = blas_threads() if threads is None else threads
+        keys = [int(k) for k in by if int(k) <= n]
+        if keys:
+            return by[str(max(keys))]
+    return table.get("thresholds", {})
+
+
 def _error(where, msg: str) -> ThresholdsError:
     return ThresholdsError(f"kernel thresholds file {where}: {msg}; fix or delete it, or rerun "
                            f"'{CALIBRATE_COMMAND}'")
@@ -99,6 +135,16 @@ def check_thresholds(obj, where: str) -> Thresholds:
     table = obj.get("thresholds")
     if not isinstance(table, dict):
         bad("'thresholds' must be an object {layer shape: {batch class: {mode: density or null}}}")
+    by = obj.get("thresholds_by_threads", {})
+    if not isinstance(by, dict) or not all(isinstance(k, str) and k.isdigit() and int(k) > 0
+                                           and isinstance(v, dict) for k, v in by.items()):
+        bad("'thresholds_by_threads' must be an object {thread count: {layer shape: ...}}")
+    for t in [table, *by.values()]:
+        _check_entries(t, bad)
+    return obj if isinstance(obj, Thresholds) else Thresholds(obj)
+
+
+def _check_entries(table: dict, bad) -> None:
     for shape, classes in table.items():
         if not isinstance(classes, dict):
             bad(f"{shape!r}: expected an object keyed by batch class (1, small, large)")
@@ -114,7 +160,6 @@ def check_thresholds(obj, where: str) -> Thresholds:
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                       or not 0.0 <= v <= 1.0):
                     bad(f"{shape!r} {c} {m}: a threshold is a density in [0, 1] or null, got {v!r}")
-    return obj if isinstance(obj, Thresholds) else Thresholds(obj)
 
 
 def as_thresholds(obj) -> Thresholds:
@@ -175,7 +220,7 @@ def active_thresholds() -> Thresholds:
 def lookup_threshold(table: dict, shape: str, batch_class: str, mode: str):
     """The largest density at which ``auto`` uses the kernel (None: never). A feature-major mode
     (``eval_f`` ...) missing from the table falls back to its plain mode (``eval``)."""
-    modes = table.get("thresholds", {}).get(shape, {}).get(batch_class, {})
+    modes = entries(table).get(shape, {}).get(batch_class, {})
     if mode.endswith("_f") and mode not in modes:
         mode = mode[:-2]
     return modes.get(mode)
@@ -185,7 +230,22 @@ def format_thresholds(table: dict) -> str:
     """The table as text: one line per layer shape, ``class: train/train_dx/eval`` thresholds, and
     a second line with the feature-major (``_f``) thresholds where the table has them."""
     lines = [f"source: {table.get('source', '?')} (per batch class: train/train_dx/eval)"]
-    for shape, classes in table["thresholds"].items():
+    by = table.get("thresholds_by_threads") or {}
+    parts = [("", table["thresholds"])]
+    if by:
+        low = min(int(k) for k in by)
+        parts = [(f"BLAS threads below {low}:" if low > 2 else "1 BLAS thread:", table["thresholds"])]
+        parts += [(f"{k} BLAS threads or more:", by[k]) for k in sorted(by, key=int)]
+    for title, t in parts:
+        if title:
+            lines.append(title)
+        lines += _format_entries(t)
+    return "\n".join(lines)
+
+
+def _format_entries(table: dict) -> list:
+    lines = []
+    for shape, classes in table.items():
         for label, ms in ((shape, AUTO_MODES), ("  feature-major input", FMAJOR_MODES)):
             if not any(m in classes.get(c, {}) for c in BATCH_CLASSES for m in ms):
                 continue
@@ -195,4 +255,4 @@ def format_thresholds(table: dict) -> str:
                 cells.append(f"{c}: " + "/".join("-" if modes.get(m) is None else f"{modes[m]:g}"
                                                  for m in ms))
             lines.append(f"  {label:44s} " + "  ".join(cells))
-    return "\n".join(lines)
+    return lines
