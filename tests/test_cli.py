@@ -488,3 +488,14 @@ def test_a_deleted_round_file_is_recomputed_when_the_run_is_extended(tmp_path):
     assert (run / "seed_0" / "rewind" / "round_3" / "metrics.json").exists()
     table = (run / "summary.md").read_text().split("## Training time")[0]
     assert all(f"| {k} |" in table for k in range(4))
+
+
+def test_test_every_reaches_the_recipe_without_changing_its_folder(capsys):
+    base = ["--net", "lenet300", "--eval-every", "100"]
+    plain, = resolve(build_parser().parse_args(base))
+    every, = resolve(build_parser().parse_args([*base, "--test-every", "200"]))
+    assert plain["recipe"].train.test_every == 0 and every["recipe"].train.test_every == 200
+    assert plain["recipe"].folder_name() == every["recipe"].folder_name()
+    assert main([*base, "--test-every", "150"]) == 2
+    assert capsys.readouterr().err == ("nprune: error: --test-every must be 0 or a multiple of the "
+                                       "evaluation interval (100), got 150\n")
