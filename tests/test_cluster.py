@@ -175,20 +175,22 @@ def test_a_client_killed_mid_run_resumes(dask_cluster, reference, tmp_path):
     _same(next(out.glob("lenet300-*")), reference, dask_cluster.address)
 
 
-def test_local_cluster(reference, tmp_path):
-    """--cluster local:2 starts two worker processes here; its rounds equal the reference's (the
-    same recipe: seed 0, round 1 of both strategies)."""
-    out = tmp_path / "d"
-    args = list(ARGS)
-    args[args.index("--rounds") + 1] = args[args.index("--seeds") + 1] = "1"
-    r = run_cli(*args, "--data-dir", str(real_mnist()), "--out", str(out), "--cluster", "local:2")
+def test_local_cluster_with_a_ticket_control(tmp_path):
+    """--cluster local:2 starts two worker processes here. ticket-reinit alone: the plan runs the
+    rewind chain it reads as rounds of their own, each ticket round after its rewind round; the
+    files equal a one-process run's."""
+    args = [*ARGS, "--data-dir", str(real_mnist())]
+    args[args.index("--rounds") + 1], args[args.index("--seeds") + 1] = "2", "1"
+    args[args.index("--strategies") + 1] = "ticket-reinit"
+    r = run_cli(*args, "--out", str(tmp_path / "one"), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
-    run = next(out.glob("lenet300-*"))
-    files = {k: v for k, v in run_files(run).items() if k.parts[0] == "seed_0"}
-    assert len(files) == 3 * 4 + 2   # 3 rounds of 4 files, init.npz and init.json
-    assert files == {k: reference[k] for k in files}
-    plan = json.loads((run / "settings.json").read_text())["last_plan"]
-    assert plan["cluster"] == "local:2" and len(plan["workers"]) == 2
+    one = run_files(next((tmp_path / "one").glob("lenet300-*")))
+    r = run_cli(*args, "--out", str(tmp_path / "local"), "--cluster", "local:2")
+    assert r.returncode == 0, r.stderr
+    run = next((tmp_path / "local").glob("lenet300-*"))
+    assert (run / "seed_0" / "rewind" / "round_2" / "metrics.json").exists()
+    _same(run, one, "local:2")
+    assert len(json.loads((run / "settings.json").read_text())["last_plan"]["workers"]) == 2
 
 
 def _main(capsys, *args) -> tuple[int, list]:

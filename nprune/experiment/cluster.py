@@ -29,7 +29,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from ..data.datasets import DataError
-from ..data.fsutil import atomic_write_bytes, atomic_write_json
+from ..data.fsutil import CorruptFileError, atomic_write_bytes, atomic_write_json
 from .runs import METRICS, RunFolderError
 from .schedule import TICKET_STRATEGIES, RoundPlan, WorkerDied, print_finished
 
@@ -179,7 +179,10 @@ def round_inputs(imp, seed: int, strategy: str, r: int) -> tuple[dict, dict]:
 
     def add(path: Path) -> None:
         if imp.exists(path):
-            files[imp.rel(path)] = path.read_bytes() if path.suffix == ".npz" else imp.load_json(path)
+            try:
+                files[imp.rel(path)] = path.read_bytes() if path.suffix == ".npz" else imp.load_json(path)
+            except (CorruptFileError, OSError):   # a damaged record: the round makes it again
+                pass
 
     def add_round(st: str, k: int, names: tuple) -> None:
         rd = imp.round_dir(seed, st, k)
@@ -291,7 +294,11 @@ class Cluster:
             self.client.wait_for_workers(1, timeout=60)
         except (OSError, TimeoutError):
             raise ClusterError(f"--cluster {self.address}: no worker joined the scheduler in 60 s") from None
-        probes = self.client.run(_probe, list(datasets_), data_dir, download)
+        try:
+            probes = self.client.run(_probe, list(datasets_), data_dir, download)
+        except Exception as e:   # a worker without nprune, or another version of it
+            raise ClusterError(f"--cluster {self.address}: a worker cannot run nprune "
+                               f"({type(e).__name__}: {e}); install nprune[cluster] on every worker") from None
         nthreads = self.client.nthreads()
         for addr, p in sorted(probes.items()):
             for name in datasets_:
