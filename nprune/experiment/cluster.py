@@ -261,12 +261,15 @@ class Cluster:
 
     def __enter__(self):
         import logging
+        import warnings
         from distributed import Client, LocalCluster
         try:
             if self.address.startswith("local:"):
-                self._local = LocalCluster(n_workers=int(self.address[6:]), threads_per_worker=1,
-                                           processes=True, dashboard_address=None,
-                                           silence_logs=logging.ERROR)
+                with warnings.catch_warnings():   # its HTTP server takes another port than 8787
+                    warnings.filterwarnings("ignore", message="Port .* is already in use")
+                    self._local = LocalCluster(n_workers=int(self.address[6:]), threads_per_worker=1,
+                                               processes=True, dashboard_address=None,
+                                               silence_logs=logging.ERROR)
                 self.client = Client(self._local)
             else:
                 self.client = Client(self.address, timeout="20s")
