@@ -132,7 +132,7 @@ def _metrics_files(out: Path) -> int:
 
 
 def _run_until(args, out: Path, n: int) -> subprocess.Popen:
-    """The command started in a session of its own, returned once ``n`` rounds are in ``out``."""
+    """The command started in a process group of its own, returned once ``n`` rounds are in ``out``."""
     p = subprocess.Popen([sys.executable, "-m", "nprune.experiment", *args], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     t0 = time.monotonic()
@@ -255,7 +255,7 @@ def test_a_worker_without_the_data_or_with_other_data_is_named():
     c = Cluster("tcp://s:1")
     c.client = _StubClient({"tcp://10.0.0.1:1": good, "tcp://10.0.0.1:2": good, "tcp://10.0.0.2:1": good})
     c.check_data(["mnist"], None, False, mine)
-    # BLAS threads: the machine's cores over the task slots on it
+    # BLAS threads: the machine's cores over the worker threads on it
     assert c.record()["workers"] == {"tcp://10.0.0.1:1": {"nthreads": 1, "blas_threads": 2},
                                      "tcp://10.0.0.1:2": {"nthreads": 1, "blas_threads": 2},
                                      "tcp://10.0.0.2:1": {"nthreads": 1, "blas_threads": 4}}

@@ -1,9 +1,9 @@
 """``--cluster ADDRESS``: a job's rounds on a Dask distributed cluster, with the bits of one process.
 
-The client (the command) keeps the run folder: it alone reads and writes it. Each round is one Dask
-task, handed out in the order of :class:`~nprune.experiment.schedule.RoundPlan`, that carries exactly
+The client (the command) keeps the run folder: it alone reads and writes it. Each round is one call
+submitted to Dask, handed out in the order of :class:`~nprune.experiment.schedule.RoundPlan`, that carries exactly
 the files the round reads (the previous round's metrics, final and masks, the seed's ``init.npz``,
-the dense rewind point, the ticket's masks, the folder's kernel thresholds). The task runs the round
+the dense rewind point, the ticket's masks, the folder's kernel thresholds). The worker runs the round
 in an in-memory :class:`~nprune.experiment.imp.IMP` and returns the files it made; the client checks
 each array against the SHA-256 its round recorded and writes arrays first, ``metrics.json`` last,
 atomically, as one process does. So nothing but the data has to be shared with the workers, a
@@ -12,8 +12,8 @@ dies leaves a run folder that the same command resumes.
 
 Each worker loads the data itself (:func:`nprune.data.datasets.load_dataset`: ``--data-dir``,
 ``$NPRUNE_DATA_DIR``, its cache) once per process; before any round the client checks that every
-worker's four files have the SHA-256 of its own. A task limits its process's BLAS threads to the
-worker machine's cores divided by the task slots (Dask threads) on that machine, as ``--jobs N``
+worker's four files have the SHA-256 of its own. A round limits its process's BLAS threads to the
+worker machine's cores divided by the worker threads (Dask's) on that machine, as ``--jobs N``
 gives each process cores // N.
 
 ``dask[distributed]`` and ``threadpoolctl`` are optional (``pip install 'nprune[cluster]'``); this
@@ -88,7 +88,7 @@ def data_digests(dataset: str, data_dir=None, download: bool = True) -> dict:
 def checked_digests(dataset: str, data_dir=None, download: bool = True) -> dict:
     """The digests of :func:`data_digests`, found the cheap way when the data set has published
     ones: :func:`~nprune.data.datasets.load_dataset` checks the files against them (DataError
-    otherwise) and keeps the arrays in memory, so a task's loading of the data costs no second read."""
+    otherwise) and keeps the arrays in memory, so a round's loading of the data costs no second read."""
     from ..data import datasets
     spec = datasets._spec(dataset)
     if spec.sha256 is None:
@@ -114,9 +114,9 @@ def _probe(datasets_: list, data_dir, download: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the task: one round on a worker
+# on a worker: one round
 
-_WORKER_DATA: dict = {}   # a worker process loads the data once and keeps it for its later tasks
+_WORKER_DATA: dict = {}   # a worker process loads the data once and keeps it for its later rounds
 
 
 def _worker_data(recipe, data_dir, download: bool, digests: dict):
@@ -132,7 +132,7 @@ def _worker_data(recipe, data_dir, download: bool, digests: dict):
 
 
 def _blas_threads(slots_by_host: dict) -> tuple[str, int]:
-    """This worker's address and its BLAS threads: its machine's cores / the task slots there."""
+    """This worker's address and its BLAS threads: its machine's cores / the worker threads there."""
     from distributed import get_worker
     from distributed.comm import get_address_host
     w = get_worker()
@@ -144,23 +144,23 @@ def _blas_threads(slots_by_host: dict) -> tuple[str, int]:
     return w.address, max(1, cores // max(1, slots))
 
 
-def run_remote_round(task: dict) -> dict:
-    """A Dask task: round ``task["round"]`` of ``task["strategy"]`` for ``task["seed"]`` in an
-    in-memory IMP filled with ``task["files"]`` (relative path -> npz bytes or JSON object) and
-    ``task["finished"]`` (relative round folder -> its metrics, checked by the client). Returns the
+def run_remote_round(work: dict) -> dict:
+    """On a Dask worker: round ``work["round"]`` of ``work["strategy"]`` for ``work["seed"]`` in an
+    in-memory IMP filled with ``work["files"]`` (relative path -> npz bytes or JSON object) and
+    ``work["finished"]`` (relative round folder -> its metrics, checked by the client). Returns the
     round's metrics (None: its chain stopped before it), the files the round made, and where it ran."""
     from threadpoolctl import threadpool_limits
     from .imp import IMP
-    address, threads = _blas_threads(task["slots_by_host"])
-    recipe = task["recipe"]
-    data = _worker_data(recipe, task["data_dir"], task["download"], task["digests"])
-    imp = IMP(recipe, None, data, kernel=task["kernel"])
-    imp._thresholds = task["thresholds"]
-    files = {Path(k): v for k, v in task["files"].items()}
+    address, threads = _blas_threads(work["slots_by_host"])
+    recipe = work["recipe"]
+    data = _worker_data(recipe, work["data_dir"], work["download"], work["digests"])
+    imp = IMP(recipe, None, data, kernel=work["kernel"])
+    imp._thresholds = work["thresholds"]
+    files = {Path(k): v for k, v in work["files"].items()}
     imp._files.update(files)
-    imp._checked.update({Path(k): (m, None) for k, m in task["finished"].items()})
+    imp._checked.update({Path(k): (m, None) for k, m in work["finished"].items()})
     with threadpool_limits(limits=threads):
-        m = imp.run_round(task["seed"], task["strategy"], task["round"])
+        m = imp.run_round(work["seed"], work["strategy"], work["round"])
     made = {PurePosixPath(p).as_posix(): v for p, v in imp._files.items() if files.get(p) is not v}
     return {"metrics": m, "files": made, "worker": address, "blas_threads": threads}
 
@@ -256,7 +256,7 @@ class Cluster:
         self.address, self.quiet = address, quiet
         self.client = self._local = None
         self.workers: dict = {}          # address -> {"nthreads", "blas_threads"} at the start
-        self.slots_by_host: dict = {}    # host -> task slots of its workers
+        self.slots_by_host: dict = {}    # host -> worker threads on it
         self._keys = itertools.count()
 
     def __enter__(self):
@@ -327,7 +327,7 @@ class Cluster:
 
     def run(self, job: dict, imp, data_dir, download: bool, quiet: bool, clock) -> None:
         """Run the job's unfinished rounds (``imp``: its run folder, on the client) on the cluster,
-        a round handed out when its inputs are finished and a task slot is free, and write each
+        a round handed out when its inputs are finished and a worker thread is free, and write each
         result into the folder as it comes."""
         from distributed import as_completed
         from distributed.client import FutureCancelledError
@@ -346,12 +346,12 @@ class Cluster:
             while len(running) < slots and plan.has_ready():
                 seed, st, r = plan.next()
                 files, finished = round_inputs(imp, seed, st, r)
-                task = {"recipe": recipe, "kernel": imp.kernel, "thresholds": thresholds,
+                work = {"recipe": recipe, "kernel": imp.kernel, "thresholds": thresholds,
                         "seed": seed, "strategy": st, "round": r, "files": files,
                         "finished": finished, "data_dir": data_dir, "download": download,
                         "digests": self.digests[recipe.dataset], "slots_by_host": self.slots_by_host}
                 n = next(self._keys)
-                fut = self.client.submit(run_remote_round, task, pure=False, priority=-n,
+                fut = self.client.submit(run_remote_round, work, pure=False, priority=-n,
                                          key=f"nprune-{recipe.net}-seed{seed}-{st}-{r}-{os.getpid()}-{n}")
                 running[fut] = (seed, st, r)
                 done.add(fut)

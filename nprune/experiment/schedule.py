@@ -165,7 +165,7 @@ class RoundPlan:
     :meth:`next` gives the one of the chain with the most rounds still to run (a dense round counts
     its seed's chains); ties go to the earlier seed. So the workers stay busy until the last
     chains: 5 seeds x 2 strategies on 2 workers end at about half the total work, where whole
-    chains per task would leave one worker idle through a dense round."""
+    chains at a time would leave one worker idle through a dense round."""
 
     def __init__(self, imp: IMP, job: dict):
         self.rounds, self.seeds = job["rounds"], list(job["seeds"])
