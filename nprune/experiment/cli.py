@@ -448,9 +448,10 @@ def cmd_run(args) -> int:
     done = []
     with open_cluster(args.cluster if to_go else None, args.quiet, datasets, args.data_dir,
                       not args.no_download) as cluster:
+        on = {"cluster": cluster} if cluster is not None else {}
         for job in jobs:
             run_dir = run_job(job, out, args.data_dir, not args.no_download, args.jobs, args.quiet,
-                              args.kernel, clock, cluster)
+                              args.kernel, clock, **on)
             # rounds outside this command's plan that do not check out are named and left out
             done.append((run_dir, write_report(run_dir, plot_format=args.plot_format, strict=False,
                                                notice=print_notice)))
