@@ -87,3 +87,85 @@ def test_a_workers_error_is_raised_again_in_the_parent(tmp_path):
             and int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid()
             and b"spawn_main" in open(f"/proc/{d}/cmdline", "rb").read()]
     assert mine == []
+
+
+class _Folder:
+    """What RoundPlan reads of a run folder: which rounds are finished and whether they diverged."""
+
+    def __init__(self, done=(), diverged=()):
+        self.done, self.diverged = set(done), set(diverged)
+
+    def is_done(self, seed, strategy, r):
+        return (seed, "dense" if r == 0 else strategy, r) in self.done | self.diverged
+
+    def metrics(self, seed, strategy, r):
+        return {"diverged": (seed, strategy, r) in self.diverged}
+
+
+def _drain(plan, diverge=()) -> list:
+    """Hand out and finish one round at a time, as one worker would; the order of the rounds."""
+    order = []
+    while plan.pending():
+        key = plan.next()
+        order.append(key)
+        plan.finished(key, True, key in diverge)
+    return order
+
+
+def test_round_plan_dense_first_then_the_longest_chain():
+    from nprune.experiment.schedule import RoundPlan
+    plan = RoundPlan(_Folder(), {"rounds": 2, "seeds": [0, 1], "strategies": ["rewind", "reinit"]})
+    order = _drain(plan)
+    assert order[0] == (0, "dense", 0)
+    assert len(order) == 2 * (1 + 2 * 2) and len(set(order)) == len(order)
+    for s in (0, 1):   # each chain in order, after its seed's dense round
+        for st in ("rewind", "reinit"):
+            i = [order.index((s, st, r)) for r in (1, 2)]
+            assert order.index((s, "dense", 0)) < i[0] < i[1]
+    # two workers: both busy at once after the first dense round
+    plan = RoundPlan(_Folder(), {"rounds": 2, "seeds": [0, 1], "strategies": ["rewind", "reinit"]})
+    assert [plan.next(), plan.next()] == [(0, "dense", 0), (1, "dense", 0)]
+    assert not plan.has_ready()
+    plan.finished((1, "dense", 0), True, False)
+    assert plan.next()[0] == 1
+
+
+def test_round_plan_resumes_from_the_folder():
+    from nprune.experiment.schedule import RoundPlan
+    done = {(0, "dense", 0), (0, "rewind", 1), (0, "rewind", 2), (0, "reinit", 1)}
+    plan = RoundPlan(_Folder(done), {"rounds": 2, "seeds": [0], "strategies": ["rewind", "reinit"]})
+    assert _drain(plan) == [(0, "reinit", 2)]
+    # a chain that diverged on disk is not run further
+    plan = RoundPlan(_Folder({(0, "dense", 0)}, {(0, "rewind", 1)}),
+                     {"rounds": 3, "seeds": [0], "strategies": ["rewind"]})
+    assert _drain(plan) == []
+
+
+def test_a_ticket_round_waits_for_its_rewind_round():
+    """ticket-reinit's round r runs after rewind's round r, which the plan runs even when the job
+    names only the ticket control; a diverged rewind chain releases the ticket chain (which then
+    stops by itself) and a diverged dense round drops the seed's chains."""
+    from nprune.experiment.schedule import RoundPlan
+    for strategies in (["ticket-reinit", "rewind"], ["ticket-random-mask"]):
+        plan = RoundPlan(_Folder(), {"rounds": 3, "seeds": [0], "strategies": strategies})
+        order = _drain(plan)
+        ticket = strategies[0]
+        for r in (1, 2, 3):
+            assert order.index((0, "rewind", r)) < order.index((0, ticket, r))
+        assert len(order) == 1 + 2 * 3
+    plan = RoundPlan(_Folder(), {"rounds": 3, "seeds": [0], "strategies": ["rewind", "ticket-reinit"]})
+    assert plan.next() == (0, "dense", 0)
+    plan.finished((0, "dense", 0), True, False)
+    assert plan.next() == (0, "rewind", 1) and not plan.has_ready()
+    plan.finished((0, "rewind", 1), True, False)
+    assert {plan.next(), plan.next()} == {(0, "rewind", 2), (0, "ticket-reinit", 1)}
+    plan.finished((0, "ticket-reinit", 1), True, False)
+    assert not plan.has_ready()   # ticket round 2 waits for rewind round 2
+    plan.finished((0, "rewind", 2), True, True)   # diverged: the ticket chain is let go
+    assert plan.next() == (0, "ticket-reinit", 2)
+    plan.finished((0, "ticket-reinit", 2), False, False)   # stopped: its chain ends
+    assert not plan.pending()
+    plan = RoundPlan(_Folder(), {"rounds": 3, "seeds": [0, 1], "strategies": ["rewind"]})
+    assert plan.next() == (0, "dense", 0)
+    plan.finished((0, "dense", 0), True, True)
+    assert _drain(plan) == [(1, "dense", 0)] + [(1, "rewind", r) for r in (1, 2, 3)]

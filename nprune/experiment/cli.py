@@ -16,6 +16,7 @@ from .. import nets
 from ..data.fsutil import atomic_write_json
 from ..kernels import CHOICES as KERNELS
 from ..kernels import ThresholdsError, apply_kernel
+from .cluster import open_cluster
 from .config import (FIELDS, NET_OPTIMIZER, PRESET_FIELDS, PRESETS, TEST_EVERY_HELP, ConfigError,
                      Recipe, check, preset_recipe)
 from .imp import IMP
@@ -24,6 +25,7 @@ from .progress import Clock, hms
 from .report import write_report
 from .runs import print_notice
 from .schedule import remaining_iterations, run_job
+from .signals import catch_stop_signals
 
 
 #: Recipe settings with a flag of their own in a run (``--net``, ``--rate`` and ``--layer-rates``
@@ -267,6 +269,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs", help="folder that receives one sub-folder per run")
     p.add_argument("--jobs", type=int, default=1, help="independent trainings run side by side; "
                                                       "BLAS threads per process = cores / jobs")
+    p.add_argument("--cluster", metavar="ADDRESS", help="run the rounds on a Dask cluster: "
+                   "tcp://HOST:PORT of its scheduler, or local:N to start N local worker processes; "
+                   "the run folder stays here (see docs/cluster.md)")
     p.add_argument("--kernel", choices=KERNELS, default="auto",
                    help="layer kernels: dense (masked dense GEMMs), sparse (always the sparse "
                         "kernels) or auto (per layer, the sparse kernel where the mask's density is "
@@ -289,6 +294,16 @@ def resolve(args) -> list[dict]:
     strategies = preset["strategies"] if args.strategies is None else _parse_strategies(args.strategies)
     seeds = preset["seeds"] if args.seeds is None else _parse_seeds(args.seeds)
     check(args.jobs, f"in [1, {MAX_JOBS}]", field_name="jobs")
+    if args.cluster is not None:
+        from . import cluster
+        if args.jobs > 1:
+            raise UsageError("--jobs and --cluster exclude each other: the cluster's workers run the rounds")
+        if not cluster.has_distributed():
+            raise UsageError(cluster.NEEDS_DISTRIBUTED)
+        try:
+            args.cluster = cluster.parse_address(args.cluster)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     layer_rates = _parse_layer_rates(args.layer_rates) if args.layer_rates is not None else None
     _out_folder(args.out)
     jobs = []
@@ -435,16 +450,20 @@ def cmd_run(args) -> int:
         imp.kernel_thresholds(save=False)
         to_go += remaining_iterations(imp, job)
     # find (or download) and verify the data before anything is written
-    for dataset in dict.fromkeys(job["recipe"].dataset for job in jobs):
+    datasets = list(dict.fromkeys(job["recipe"].dataset for job in jobs))
+    for dataset in datasets:
         load_dataset(dataset, data_dir=args.data_dir, download=not args.no_download)
     clock = Clock(to_go)   # every run of the command: one ETA on the progress lines
     done = []
-    for job in jobs:
-        run_dir = run_job(job, out, args.data_dir, not args.no_download, args.jobs, args.quiet,
-                          args.kernel, clock)
-        # rounds outside this command's plan that do not check out are named and left out
-        done.append((run_dir, write_report(run_dir, plot_format=args.plot_format, strict=False,
-                                           notice=print_notice)))
+    with open_cluster(args.cluster if to_go else None, args.quiet, datasets, args.data_dir,
+                      not args.no_download) as cluster:
+        on = {"cluster": cluster} if cluster is not None else {}
+        for job in jobs:
+            run_dir = run_job(job, out, args.data_dir, not args.no_download, args.jobs, args.quiet,
+                              args.kernel, clock, **on)
+            # rounds outside this command's plan that do not check out are named and left out
+            done.append((run_dir, write_report(run_dir, plot_format=args.plot_format, strict=False,
+                                               notice=print_notice)))
     if not args.quiet:
         print(f"finished in {hms(clock.elapsed())}", file=sys.stderr, flush=True)
     if args.print_tables:
@@ -473,36 +492,6 @@ def _print_help(top: argparse.ArgumentParser) -> None:
     print(top.commands["run"].format_help())
 
 
-class Interrupted(KeyboardInterrupt):
-    """A stop signal (SIGINT, SIGTERM, SIGHUP) turned into a KeyboardInterrupt; ``signum`` says which."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _catch_stop_signals() -> dict:
-    """Make SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread, and return
-    the handlers they had. The first one also ignores all three from then on: a second Ctrl-C while
-    the workers are stopped and the message printed must not cut the shutdown short. A signal that
-    was ignored (``nohup``, a background job) stays ignored."""
-    import signal
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    sigs = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
-
-    def stop(signum, frame):
-        for s in sigs:
-            signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
-    old = {}
-    for s in sigs:
-        if signal.getsignal(s) is not signal.SIG_IGN:
-            old[s] = signal.signal(s, stop)
-    return old
-
-
 def main(argv=None) -> int:
     """The command line; returns the exit status. SIGINT, SIGTERM and SIGHUP stop a command with
     one line and exit status 128 + the signal's number; the signals' handlers are restored on
@@ -513,8 +502,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from ..data.datasets import DataError
     from ..training import DivergenceError
+    from .cluster import ClusterError
     from .schedule import WorkerDied
-    handlers = _catch_stop_signals()
+    handlers = catch_stop_signals()
     stopped = False
     try:
         if argv and argv[0] in KERNEL_COMMANDS:
@@ -532,7 +522,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"nprune: error: {usage_message(e)}", file=sys.stderr)
         return 2
-    except (UsageError, ThresholdsError, DataError) as e:
+    except (UsageError, ThresholdsError, DataError, ClusterError) as e:
         # DataError: the data the command was pointed at (a folder, a data set) is not usable
         print(f"nprune: error: {e}", file=sys.stderr)
         return 2

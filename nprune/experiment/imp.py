@@ -156,7 +156,10 @@ class IMP(RunFolder):
     def ticket_masks(self, seed: int, r: int) -> dict:
         """The masks of round ``r`` of the ``rewind`` chain of ``seed`` (the winning ticket of that
         round), its missing rounds computed first. ChainStopped when that chain diverged before."""
-        last = self.run_strategy(seed, "rewind", r)[-1]
+        if self.is_done(seed, "rewind", r):   # read alone: the rounds before it are not needed
+            last = self.metrics(seed, "rewind", r)
+        else:
+            last = self.run_strategy(seed, "rewind", r)[-1]
         if last["round"] != r or last["diverged"]:
             raise ChainStopped(f"the rewind chain diverged in round {last['round']}, so it has no "
                                f"ticket of round {r}")
@@ -223,7 +226,7 @@ class IMP(RunFolder):
 
     def run_strategy(self, seed: int, strategy: str, rounds: int) -> list:
         """Rounds 1..``rounds`` of one strategy (finished rounds are skipped). Needs round 0."""
-        spec, args = find_strategy(strategy)
+        find_strategy(strategy)   # an unknown name is a ValueError before any work
         out = [self.run_dense(seed)]
         model = self.build(seed)
         rates = self.recipe.prune.param_rates(model)
@@ -235,24 +238,48 @@ class IMP(RunFolder):
                 continue
             if out[-1].get("diverged"):
                 break
-            if spec.masks is not None:   # the masks come from another chain (the ticket's)
-                try:
-                    masks = spec.masks(self, seed, r, *args)
-                except ChainStopped as e:
-                    self._tell(f"seed {seed} {strategy} stops before round {r}: {e}")
-                    break
-                prev_final = None
-            else:
-                prev, digests = self.round_dir(seed, strategy, r - 1), out[-1]["files"]
-                prev_final = self.load_arrays(prev / "final.npz", digests["final.npz"])
-                prev_masks = self.load_arrays(prev / "masks.npz", digests["masks.npz"])
-                masks = prune(prev_final, prev_masks, rates, self.recipe.prune.scope,
-                              rng=stream(seed, PRUNE, r))
-            start, lr_factor = spec.reset(self, seed, r, prev_final, *args)
-            out.append(self._train_round(seed, strategy, r, model, start, masks, lr_factor))
-            if out[-1].get("diverged"):
+            m = self._next_round(seed, strategy, r, out[-1], model, rates)
+            if m is None:
+                break
+            out.append(m)
+            if m.get("diverged"):
                 break
         return out
+
+    def run_round(self, seed: int, strategy: str, r: int) -> dict | None:
+        """Round ``r`` of one strategy alone (round 0: the dense round), skipped when finished. Round
+        ``r - 1`` of the chain must be finished (RunFolderError otherwise); nothing before it is
+        read. Returns the round's metrics, or None when the chain stops before round ``r`` (round
+        ``r - 1`` diverged, or the ticket's chain did). Gives the bits :meth:`run_strategy` gives."""
+        if strategy == "dense" or r == 0:
+            return self.run_dense(seed)
+        if self.is_done(seed, strategy, r):
+            return self.metrics(seed, strategy, r)
+        prev = self.metrics(seed, strategy, r - 1)
+        if prev.get("diverged"):
+            return None
+        model = self.build(seed)
+        return self._next_round(seed, strategy, r, prev, model, self.recipe.prune.param_rates(model))
+
+    def _next_round(self, seed: int, strategy: str, r: int, prev: dict, model, rates) -> dict | None:
+        """Prune, reset and train round ``r`` after the finished round whose metrics are ``prev``;
+        None when the ticket's chain stops before round ``r``."""
+        spec, args = find_strategy(strategy)
+        if spec.masks is not None:   # the masks come from another chain (the ticket's)
+            try:
+                masks = spec.masks(self, seed, r, *args)
+            except ChainStopped as e:
+                self._tell(f"seed {seed} {strategy} stops before round {r}: {e}")
+                return None
+            prev_final = None
+        else:
+            folder, digests = self.round_dir(seed, strategy, r - 1), prev["files"]
+            prev_final = self.load_arrays(folder / "final.npz", digests["final.npz"])
+            prev_masks = self.load_arrays(folder / "masks.npz", digests["masks.npz"])
+            masks = prune(prev_final, prev_masks, rates, self.recipe.prune.scope,
+                          rng=stream(seed, PRUNE, r))
+        start, lr_factor = spec.reset(self, seed, r, prev_final, *args)
+        return self._train_round(seed, strategy, r, model, start, masks, lr_factor)
 
     def run(self, seeds=(0,), strategies=("rewind",), rounds: int = 3) -> list[dict]:
         """Run (or resume) every round of ``strategies`` for ``seeds`` one after another, and

@@ -1,4 +1,6 @@
-"""Running a job's rounds: in this process, or with ``--jobs N`` on N worker processes.
+"""Running a job's rounds: in this process, with ``--jobs N`` on N worker processes, or with
+``--cluster`` on a Dask cluster (:mod:`nprune.experiment.cluster`); the last two share the order of
+rounds, :class:`RoundPlan`.
 
 A job is one recipe with its plan (strategies, rounds, seeds). Whichever process trains a round, it
 gives the same numbers, and a round already on disk is skipped: an interrupted job resumes.
@@ -53,23 +55,21 @@ def _task(payload) -> tuple:
         _WORKER_DATA[key] = _load_data(recipe, data_dir, download)
     imp = IMP(recipe, run_dir, _WORKER_DATA[key], kernel=kernel)
     imp.progress = Progress(recipe.net, quiet=quiet, clock=Clock(*clock))
-    if strategy == "dense":
-        last = imp.run_dense(seed)
-    else:   # rounds < r are on disk: this runs round r only (or stops early, as a resume would)
-        last = imp.run_strategy(seed, strategy, r)[-1]
-    done = last["round"] == r
+    last = imp.run_round(seed, strategy, r)   # round r - 1 is on disk: round r alone
+    done = last is not None
     return seed, strategy, r, done, done and bool(last.get("diverged"))
 
 
 def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bool, kernel,
-            clock: Clock | None = None) -> Path:
-    """Run (or resume) ``job`` in its run folder below ``out``; ``jobs`` > 1 uses worker processes.
-    ``clock`` counts the iterations of the whole command (default: this job's alone) for the ETA."""
+            clock: Clock | None = None, cluster=None) -> Path:
+    """Run (or resume) ``job`` in its run folder below ``out``; ``jobs`` > 1 uses worker processes,
+    ``cluster`` (a :class:`nprune.experiment.cluster.Cluster`) a Dask cluster. ``clock`` counts the
+    iterations of the whole command (default: this job's alone) for the ETA."""
     recipe = job["recipe"]
     run_dir = out / recipe.folder_name()
     imp = IMP(recipe, run_dir, kernel=kernel, notice=print_notice)
-    imp.prepare_folder({"strategies": job["strategies"], "rounds": job["rounds"],
-                        "seeds": job["seeds"], "kernel": kernel})
+    plan = {"strategies": job["strategies"], "rounds": job["rounds"], "seeds": job["seeds"], "kernel": kernel}
+    imp.prepare_folder(dict(plan, **cluster.record()) if cluster is not None else plan)
     imp.kernel_thresholds()   # auto: saved in the run folder by its first run, reused afterwards
     total = remaining_iterations(imp, job)
     if not quiet:
@@ -77,6 +77,9 @@ def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bo
     if total == 0:
         return run_dir
     clock = clock or Clock(total)
+    if cluster is not None:
+        cluster.run(job, imp, data_dir, download, quiet, clock)
+        return run_dir
     if jobs <= 1:
         imp.data = _load_data(recipe, data_dir, download)
         imp.progress = Progress(recipe.net, quiet=quiet, clock=clock)
@@ -91,13 +94,9 @@ def run_job(job: dict, out: Path, data_dir, download: bool, jobs: int, quiet: bo
 def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel, clock: Clock) -> None:
     """Run the job's rounds on ``jobs`` worker processes, one round per task.
 
-    A seed's dense round 0 comes first; each (seed, strategy) chain then runs its rounds in order,
-    round r once round r - 1 is on disk. Whenever a worker is free it takes the ready round of the
-    chain with the most rounds still to run (a dense round counts its seed's chains), so the workers
-    stay busy until the last chains: 5 seeds x 2 strategies on 2 workers end at about half the total
-    work, where whole chains per task would leave one worker idle through a dense round. Each round
-    gives the same numbers in whichever process runs it (a resume is the same thing). Each worker is
-    a fresh process whose BLAS uses cores // jobs threads.
+    Whenever a worker is free it takes the round :meth:`RoundPlan.next` gives. Each round gives the
+    same numbers in whichever process runs it (a resume is the same thing). Each worker is a fresh
+    process whose BLAS uses cores // jobs threads.
 
     Ctrl-C, a worker's error or a dead worker stop the other workers at once (a round's files are
     written atomically, so a stopped round leaves nothing half-written); a dead worker raises
@@ -106,24 +105,7 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel,
     from multiprocessing.connection import wait
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     saved = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    imp = IMP(recipe, run_dir, kernel=kernel)
-    rounds, seeds, strategies = job["rounds"], job["seeds"], job["strategies"]
-    # ready[(seed, strategy)] = the next round of a chain free to run it; a seed's unfinished dense
-    # round is ready as (seed, "dense"): 0, and its chains wait in waiting[seed] until it is done
-    ready, waiting = {}, {}
-    for s in seeds:
-        chains = {(s, st): _next_round(imp, s, st, rounds) for st in strategies}
-        chains = {key: r for key, r in chains.items() if r is not None}
-        if imp.is_done(s, "dense", 0):
-            ready.update(chains)
-        else:
-            ready[(s, "dense")], waiting[s] = 0, chains
-
-    def rounds_left(key):   # the scheduling priority; ties go to the earlier seed
-        if key[1] == "dense":
-            return 1 + sum(rounds - r + 1 for r in waiting[key[0]].values()), -seeds.index(key[0])
-        return rounds - ready[key] + 1, -seeds.index(key[0])
-
+    plan = RoundPlan(IMP(recipe, run_dir, kernel=kernel), job)
     common = (data_dir, download, quiet, kernel)
     workers: list[_Worker] = []
     clean = False
@@ -132,31 +114,22 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel,
     try:
         _start_workers(mp.get_context("spawn"), jobs, workers)
         idle = list(workers)
-        busy = {}   # a busy worker's connection -> (worker, (seed, strategy))
-        while ready or busy:
-            while ready and idle:
-                key = max(ready, key=rounds_left)
-                r = ready.pop(key)
+        busy = {}   # a busy worker's connection -> the worker
+        while plan.pending():
+            while idle and plan.has_ready():
+                s, st, r = plan.next()
                 w = idle.pop(0)
-                w.send((recipe, run_dir, key[0], key[1], r) + common + (clock.state(),))
-                busy[w.conn] = (w, key)
+                w.send((recipe, run_dir, s, st, r) + common + (clock.state(),))
+                busy[w.conn] = w
             signalled = wait(list(busy) + [w.process.sentinel for w in workers])
             for conn in [c for c in signalled if c in busy]:
-                w, key = busy.pop(conn)
+                w = busy.pop(conn)
                 s, st, r, ok, diverged = w.result()   # a worker's exception is raised here
                 idle.append(w)
+                plan.finished((s, st, r), ok, diverged)
                 clock.done += recipe.train.iterations
-                if st == "dense":
-                    chains = waiting.pop(s)
-                    if ok and not diverged:
-                        ready.update(chains)
-                elif ok and not diverged and r < rounds:
-                    ready[key] = r + 1
                 if not quiet:
-                    name = "dense round 0" if st == "dense" else f"{st} round {r}"
-                    print(f"finished: {recipe.net} seed {s} {name} ({clock.done}/{clock.total} "
-                          f"iterations of the command, elapsed {hms(clock.elapsed())}, eta "
-                          f"{clock.eta()})", file=sys.stderr, flush=True)
+                    print_finished(recipe.net, s, st, r, clock)
             for w in workers:   # a worker gone without its result (or while idle)
                 if w.process.sentinel in signalled:
                     raise w.died()
@@ -168,6 +141,102 @@ def _run_parallel(job, recipe, run_dir, data_dir, download, jobs, quiet, kernel,
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def print_finished(net: str, seed: int, strategy: str, r: int, clock: Clock) -> None:
+    name = "dense round 0" if strategy == "dense" else f"{strategy} round {r}"
+    print(f"finished: {net} seed {seed} {name} ({clock.done}/{clock.total} iterations of the "
+          f"command, elapsed {hms(clock.elapsed())}, eta {clock.eta()})", file=sys.stderr, flush=True)
+
+
+#: Strategies whose round r reads the masks of the ``rewind`` chain's round r.
+TICKET_STRATEGIES = ("ticket-reinit", "ticket-random-mask")
+
+
+class RoundPlan:
+    """Which round runs next, for --jobs and --cluster: the rounds of a job not finished in the run
+    folder of ``imp``, one at a time, each handed out once what it reads is finished.
+
+    A seed's dense round 0 comes first; each (seed, strategy) chain then runs its rounds in order,
+    round r once round r - 1 is finished. A ticket control's round r (``ticket-reinit``,
+    ``ticket-random-mask``) also waits for the ``rewind`` round r of its seed, which the plan runs as
+    a chain of its own even when the job does not name it (the ticket round would compute it
+    otherwise, and two workers would compute the same rounds). Of the rounds ready,
+    :meth:`next` gives the one of the chain with the most rounds still to run (a dense round counts
+    its seed's chains); ties go to the earlier seed. So the workers stay busy until the last
+    chains: 5 seeds x 2 strategies on 2 workers end at about half the total work, where whole
+    chains at a time would leave one worker idle through a dense round."""
+
+    def __init__(self, imp: IMP, job: dict):
+        self.rounds, self.seeds = job["rounds"], list(job["seeds"])
+        strategies = list(job["strategies"])
+        if "rewind" not in strategies and any(st in TICKET_STRATEGIES for st in strategies):
+            strategies.insert(0, "rewind")
+        self.dense = set()     # seeds whose dense round 0 is to run
+        self.chains = {}       # (seed, strategy) -> the chain's next round to run
+        self.rewound = {}      # seed -> the last rewind round finished (rounds + 1: none to wait for)
+        self.running = set()   # (seed, strategy) of the rounds handed out
+        for s in self.seeds:
+            if not imp.is_done(s, "dense", 0):
+                self.dense.add(s)
+            for st in strategies:
+                r = _next_round(imp, s, st, self.rounds)
+                if r is not None:
+                    self.chains[(s, st)] = r
+            r = self.chains.get((s, "rewind"))
+            self.rewound[s] = self.rounds + 1 if r is None else r - 1
+
+    def _ready(self) -> list:
+        out = [(s, "dense") for s in self.seeds if s in self.dense and (s, "dense") not in self.running]
+        for (s, st), r in self.chains.items():
+            if (s, st) in self.running or s in self.dense:
+                continue
+            if st in TICKET_STRATEGIES and self.rewound[s] < r:
+                continue
+            out.append((s, st))
+        return out
+
+    def _priority(self, key) -> tuple:
+        s, st = key
+        if st == "dense":
+            left = 1 + sum(self.rounds - r + 1 for (s2, _), r in self.chains.items() if s2 == s)
+        else:
+            left = self.rounds - self.chains[key] + 1
+        return left, -self.seeds.index(s)
+
+    def has_ready(self) -> bool:
+        return bool(self._ready())
+
+    def pending(self) -> bool:
+        """Rounds are left to hand out or running."""
+        return bool(self.running or self._ready())
+
+    def next(self) -> tuple:
+        """``(seed, strategy, round)`` of the ready round to run next (``(seed, "dense", 0)`` for a
+        dense round); it counts as running until :meth:`finished`."""
+        key = max(self._ready(), key=self._priority)
+        self.running.add(key)
+        return key[0], key[1], 0 if key[1] == "dense" else self.chains[key]
+
+    def finished(self, key: tuple, ok: bool, diverged: bool) -> None:
+        """Round ``key`` = ``(seed, strategy, round)`` ended: ``ok`` it is finished (else its chain
+        stopped before it), ``diverged`` it diverged. A chain goes on after a finished round that
+        did not diverge; a ticket control whose rewind chain stopped is released to stop itself."""
+        s, st, r = key
+        self.running.discard((s, st))
+        goes_on = ok and not diverged
+        if st == "dense":
+            self.dense.discard(s)
+            if not goes_on:
+                for k in [k for k in self.chains if k[0] == s]:
+                    del self.chains[k]
+            return
+        if goes_on and r < self.rounds:
+            self.chains[(s, st)] = r + 1
+        else:
+            self.chains.pop((s, st), None)
+        if st == "rewind":
+            self.rewound[s] = r if goes_on and r < self.rounds else self.rounds + 1
 
 
 class WorkerDied(Exception):
