@@ -30,7 +30,6 @@ import time
 
 from _common import RESULTS, env_info
 
-import numpy as np  # after _common
 
 from auto_check import ROUNDS, imp_masks
 from nprune.data.datasets import load_dataset, prepare

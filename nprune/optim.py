@@ -56,7 +56,7 @@ import math
 
 import numpy as np
 
-from .flat import chunked_items, flat_runs, offset_in
+from .flat import flat_runs, offset_in
 from .layers import mask_to_apply
 
 #: Every FLUSH_EVERY steps, the state entries that decay geometrically while their gradient is zero

@@ -11,7 +11,8 @@ import pytest
 from conftest import ROOT, real_mnist, run_cli, run_files
 
 from nprune.experiment import schedule
-from nprune.experiment.cli import RUN_FIELDS, build_parser, flag, main, resolve
+from nprune.experiment.cli import RUN_FIELDS, build_parser, main, resolve
+from nprune.experiment.flags import flag
 from nprune.experiment.config import FIELDS, PRESETS
 from nprune.experiment.strategies import STRATEGIES
 from nprune.nets import NETS
@@ -72,7 +73,7 @@ def test_flag_errors_come_before_any_work(tmp_path, monkeypatch):
 
 
 def test_out_expands_the_home_folder(monkeypatch, tmp_path):
-    from nprune.experiment.cli import _out_folder
+    from nprune.experiment.flags import _out_folder
     monkeypatch.setenv("HOME", str(tmp_path))
     assert _out_folder("~/runs") == tmp_path / "runs"
 
@@ -329,7 +330,8 @@ def test_setting_errors_name_the_flag(args, message, capsys):
 # ---------------------------------------------------------------------------------------------------
 # subcommands and their help; --seeds bounds; the whole command's ETA; what a run prints last
 
-from nprune.experiment.cli import COMMANDS, MAX_SEEDS, build_main_parser  # noqa: E402
+from nprune.experiment.cli import COMMANDS, build_main_parser  # noqa: E402
+from nprune.experiment.flags import MAX_SEEDS  # noqa: E402
 
 
 def test_every_command_is_in_the_usage_line_and_listed_once(capsys):
