@@ -31,8 +31,16 @@ def _start(tmp_path, args) -> tuple[subprocess.Popen, Path]:
     with open(err, "w") as f:
         p = subprocess.Popen([sys.executable, "-m", "nprune.experiment", *args], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=f, start_new_session=True,
-                             env=dict(os.environ, **ONE_THREAD))
+                             env=dict(os.environ, **ONE_THREAD), preexec_fn=_default_stop_signals)
     return p, err
+
+
+def _default_stop_signals() -> None:
+    """In the child before it starts: the stop signals at their defaults, as from a terminal.
+    Under ``nohup`` (or a CI runner that ignores SIGHUP) the child would inherit an ignored SIGHUP,
+    which nprune rightly leaves ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
