@@ -184,7 +184,8 @@ def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(tmp_path, sig, jobs):
     """SIGTERM or SIGHUP to the whole process group (what a service manager or a closed terminal
     sends) mid-round: one line, exit 128 + signal, no traceback, no process left; the workers
     ignore the signal and the parent stops them. The same command then finishes the run."""
-    args = _args(tmp_path, 1, jobs, "--jobs", str(jobs))
+    # rounds long enough (seconds) that the signal surely comes while they train
+    args = _args(tmp_path, 1, jobs, "--jobs", str(jobs), iterations=2000)
     p, err = _start(tmp_path, args)
     try:
         _training(tmp_path, p, jobs)
@@ -207,7 +208,7 @@ def test_ctrl_c_held_down_still_exits_130(tmp_path):
     """SIGINT to the process group every few milliseconds until the --jobs 2 command ends: the
     first one stops it and the others, arriving while it stops its workers and prints, are
     ignored: exit 130 (not death by SIGINT), one line, no process left."""
-    p, err = _start(tmp_path, _args(tmp_path, 1, 2, "--jobs", "2"))
+    p, err = _start(tmp_path, _args(tmp_path, 1, 2, "--jobs", "2", iterations=2000))
     try:
         _training(tmp_path, p, 2)
         t0 = time.monotonic()
