@@ -155,9 +155,9 @@ def test_a_dead_worker_is_one_line_and_the_rerun_gives_the_uninterrupted_results
     naming the worker and the signal, exit 1, no traceback; the same command again finishes the
     run, whose metrics equal an uninterrupted run's."""
     ref = tmp_path / "ref"
-    r = run_cli(*_args(ref, 2, 2, "--jobs", "2"), env=ONE_THREAD)
+    r = run_cli(*_args(ref, 2, 2, "--jobs", "2", iterations=1000), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
-    args = _args(tmp_path, 2, 2, "--jobs", "2")
+    args = _args(tmp_path, 2, 2, "--jobs", "2", iterations=1000)
     p, err = _start(tmp_path, args)
     try:
         _training(tmp_path, p, 2)
