@@ -26,21 +26,11 @@ from nprune.optim import Adam  # noqa: E402
 from nprune.training import train_step  # noqa: E402
 
 
-def separate(model):
-    """``model`` with every parameter and gradient in an array of its own (no flat buffers)."""
-    for layer in model.layers:
-        layer.params = {k: v.copy() for k, v in layer.params.items()}
-        layer.grads = {k: v.copy() for k, v in layer.grads.items()}
-    model.flat_params = model.flat_grads = model.flat_layout = None
-    model._cache_views()
-    return model
-
-
 def setup(flat: bool, rounds: int):
     rng = np.random.default_rng(0)
     model = nets.build("lenet300", rng)
     if not flat:
-        separate(model)
+        model.unflatten()
     if rounds:
         dens = {"fc1.W": 0.8 ** rounds, "fc2.W": 0.8 ** rounds, "fc3.W": 0.9 ** rounds}
         model.set_masks({n: rng.random(model.params()[n].shape) < d for n, d in dens.items()})

@@ -68,6 +68,17 @@ class Sequential:
                 d[k] = view
         self.flat_params, self.flat_grads, self.flat_layout = fp, fg, layout
 
+    def unflatten(self) -> "Sequential":
+        """Move every parameter and gradient out of the flat buffers into an array of its own (the
+        optimisers then take their per-parameter path: the reference the flat path is held to, in
+        tests and benchmarks). Returns the model."""
+        for layer in self.layers:
+            layer.params = {k: v.copy() for k, v in layer.params.items()}
+            layer.grads = {k: v.copy() for k, v in layer.grads.items()}
+        self.flat_params = self.flat_grads = self.flat_layout = None
+        self._cache_views()
+        return self
+
     # ----- names -------------------------------------------------------------------------------
     def _cache_views(self) -> None:
         self._params = {f"{n}.{k}": v for n, l in zip(self.names, self.layers) for k, v in l.params.items()}

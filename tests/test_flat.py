@@ -10,17 +10,6 @@ from nprune.optim import SGD, Adam
 from nprune.training import train_step
 
 
-def _unflattened(model):
-    """``model`` with every parameter and gradient moved out of the flat buffers into arrays of its
-    own: the optimisers then take their per-parameter path."""
-    for layer in model.layers:
-        layer.params = {k: v.copy() for k, v in layer.params.items()}
-        layer.grads = {k: v.copy() for k, v in layer.grads.items()}
-    model.flat_params = model.flat_grads = model.flat_layout = None
-    model._cache_views()
-    return model
-
-
 def _masks(model, rng, density):
     """Random masks; ``density`` "mixed" gives the weights 0.8 and 0.3 in turn (dense and compact
     paths in one model)."""
@@ -71,7 +60,7 @@ def test_flat_updates_are_bit_identical_to_per_parameter_updates(net, steps, opt
         rng = np.random.default_rng(3)
         model = nets.build(net, rng)
         if not flat:
-            _unflattened(model)
+            model.unflatten()
         masks = _masks(model, rng, density) if density is not None else None
         if masks:
             model.set_masks(masks)
@@ -96,7 +85,7 @@ def test_masks_change_without_reset_state_carries_over_the_same(opt, synth):
         rng = np.random.default_rng(4)
         model = nets.build("lenet300", rng)
         if not flat:
-            _unflattened(model)
+            model.unflatten()
         o = _optimizer(opt, model)
         for phase, density in enumerate((0.8, 0.3, 0.9, "mixed")):
             masks = _masks(model, np.random.default_rng(10 + phase), density)
