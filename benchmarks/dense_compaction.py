@@ -2,8 +2,10 @@
 
     python benchmarks/dense_compaction.py [--blas-threads N] [--repeats 7]
 
-Masks: two structured ones (whole units and inputs pruned, the kind compaction is for) and a random
-1.8% mask (nothing dead: the live block is as sparse as W). Calls: a training step at batch 60
+Masks: two structured ones (whole units and inputs pruned, the kind compaction is for), a random
+4.4% mask on a live block of 687 inputs x 263 units (what magnitude pruning leaves in a rewound
+LeNet-300-100 ticket's fc1 at 4.5% of weights) and a random 1.8% mask (nothing dead: the live block
+is as sparse as W). Calls: a training step at batch 60
 (forward + dW; fc1 needs no dX) and inference at batch 10,000. Variants run side by side
 (``time_side_by_side``: interleaved, median of repeats): ``dense`` (no kernel), ``csr`` and
 ``compact`` (the Dense kernel forced to each mode) and ``model`` (the kernel unforced: the cost
@@ -27,8 +29,12 @@ def masks(rng):
     a[100:700, :120] = True
     b = np.zeros((784, 300), bool)
     b[:, :150] = rng.random((784, 150)) < 0.5
+    c = np.zeros((784, 300), bool)     # the live block of a rewound ticket's fc1 at round 14
+    c[:687, :263] = rng.random((687, 263)) < 10344 / (687 * 263)
+    c[:687, 0] = c[0, :263] = True
     return {"40% of units x 600 inputs, all kept (30.6%)": a,
             "half the units dead, the rest at 50% (25%)": b,
+            "4.4%, 37 units and 97 inputs dead": c,
             "random 1.8% (nothing dead)": rng.random((784, 300)) < 0.018}
 
 

@@ -143,6 +143,29 @@ def test_dense_kernel_picks_compact_for_structured_masks_and_csr_for_sparse_ones
     assert not DenseKernelSparse(layer, {"dx": "csc"})._compact_pays(60, True, False, False)
 
 
+def test_dense_kernel_gemm_cost_follows_blas_threads(monkeypatch):
+    """The GEMM is the only multi-threaded primitive of the cost model, so its cost depends on the
+    BLAS thread count. An IMP mask at 4.4% with 37 dead units and 97 dead inputs (the shape of a
+    rewound LeNet-300-100 ticket's fc1 at round 14) trains CSR at 1 and at 2 threads: its live block
+    is 77% of W, and compact's GEMMs and gathers on it cost more than the CSR products
+    (benchmarks/dense_compaction.py)."""
+    from nprune.kernels import cost
+    rng = np.random.default_rng(14)
+    layer = Dense(784, 300, rng)
+    m = np.zeros((784, 300), bool)
+    m[:687, :263] = rng.random((687, 263)) < 10344 / (687 * 263)
+    m[:687, 0] = m[0, :263] = True                 # every row and column of the block is live
+    layer.set_mask("W", m)
+    per_fma = {}
+    for threads in ("1", "2", "4"):
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", threads)
+        per_fma[threads] = cost.gemm(1000, 1000) - cost.gemm(1)
+        k = DenseKernelSparse(layer)
+        assert (k.nc, k.nr) == (687, 263)
+        assert not k._compact_pays(60, True, False, False), threads
+    assert per_fma["1"] > 1.5 * per_fma["2"] and per_fma["2"] == per_fma["4"]
+
+
 @pytest.mark.parametrize("dead", ["none", "inputs", "units", "both"])
 @pytest.mark.parametrize("d", [1.0, 0.6, 0.1])
 def test_dense_compact_mode_every_block_shape(dead, d):

@@ -28,8 +28,9 @@ from .conv import SparseMatrix
 from .cost import COST
 from .dispatch import make_kernel
 from .thresholds import (ALL_MODES, AUTO_MODES, BATCH_CLASSES, CALIBRATE_COMMAND, FMAJOR_MODES,
-                         THRESHOLDS_FORMAT, ThresholdsError, active_thresholds, check_thresholds,
-                         format_thresholds, load_thresholds, shape_key, user_thresholds_path)
+                         THRESHOLDS_FORMAT, ThresholdsError, active_thresholds, blas_threads,
+                         check_thresholds, format_thresholds, load_thresholds, shape_key,
+                         user_thresholds_path)
 
 # The kernel must take <= AUTO_MARGIN x the dense time (paired median ratio and best times over
 # CAL_REPEATS interleaved blocks of ~CAL_TARGET seconds) at a density, and at every lower density of
@@ -337,7 +338,8 @@ def measure_cost_model(verbose: bool = False) -> dict:
     small = rng.standard_normal((8, 8)).astype(_F32)
     t_big = _median_time(lambda: np.matmul(A, X))
     t_small = _median_time(lambda: np.matmul(small, small), number=200)
-    res = {"gemm_call": t_small, "gemm_fma": max(t_big - t_small, 1e-9) / (R * C * M)}
+    fma = "gemm_fma_1thread" if blas_threads() == 1 else "gemm_fma"
+    res = {"gemm_call": t_small, fma: max(t_big - t_small, 1e-9) / (R * C * M)}
     sm = SparseMatrix(np.arange(R * C).reshape(R, C))
     pts = []
     for d in (0.2, 0.05):

@@ -24,15 +24,18 @@ call a crossover against the dense code.
 """
 from __future__ import annotations
 
+from .thresholds import blas_threads
+
 #: seconds per element and per call of the primitives (see the module docstring)
 COST = {
-    "gemm_fma": 8.7e-12,      # BLAS sgemm, 2 threads, per multiply-add (large enough matrices)
-    "gemm_call": 4.0e-6,      # fixed cost of one np.matmul call (+ Python around it)
+    "gemm_fma": 1.3e-11,      # BLAS sgemm, 2 threads or more, per multiply-add (large matrices)
+    "gemm_fma_1thread": 2.3e-11,  # the same at 1 BLAS thread (a --jobs 2 worker on two cores)
+    "gemm_call": 9.5e-7,      # fixed cost of one np.matmul call (+ Python around it)
     "spmm_fma": 1.26e-10,     # csr_matvecs, per stored value per column of X
     "spmm_call": 8.0e-6,      # fixed cost of one csr_matvecs call (+ output zeroing)
-    "sddmm_fma": 5.7e-10,     # sampled product (gather + multiply + sum), per survivor per sample
+    "sddmm_fma": 4.0e-10,     # sampled product (gather + multiply + sum), per survivor per sample
     "sddmm_call": 2.0e-5,
-    "copy_elem": 5.8e-10,     # gather/transposing copy, per element
+    "copy_elem": 9.5e-10,     # gather/transposing copy, per element
     "copy_call": 3.0e-6,
 }
 #: the Dense kernel runs compact only where the model predicts at most this fraction of CSR's cost
@@ -50,8 +53,11 @@ def _per_elem(key: str, *factors) -> float:
 
 
 def gemm(*factors) -> float:
-    """A dense GEMM of ``prod(factors)`` multiply-adds."""
-    return _per_elem("gemm_fma", *factors) + COST["gemm_call"]
+    """A dense GEMM of ``prod(factors)`` multiply-adds, at this process's BLAS thread count: the
+    GEMM is the only multi-threaded primitive, so at 1 thread it costs about twice as much against
+    the others and compact pays at smaller live blocks only."""
+    key = "gemm_fma_1thread" if blas_threads() == 1 else "gemm_fma"
+    return _per_elem(key, *factors) + COST["gemm_call"]
 
 
 def spmm(nnz: int, m: int) -> float:
