@@ -1,5 +1,5 @@
 """The wall time of a ``--preset lth`` run predicted from kernel timings: how much of it is the
-kernels themselves, and what the kernels would have to gain for a target wall time.
+kernels themselves, and what the kernels would have to gain for a given wall time.
 
 Input: the markdown that ``benchmarks/auto_check.py`` prints for LeNet-300-100 (its schedule is the
 ``lth`` preset's: 20/20/10% per round), at the BLAS thread count of a run's worker (1 for
@@ -15,7 +15,7 @@ over rounds divided by ``--jobs`` is the predicted wall time. ``--results`` adds
 seconds per round of a finished run (its ``results.csv``).
 
 Usage: python benchmarks/auto_check.py --blas-threads 1 --nets lenet300 > auto1.md
-       python benchmarks/lth_time.py auto1.md [--results RUN/results.csv] [--jobs 2] [--target-min 75]
+       python benchmarks/lth_time.py auto1.md [--results RUN/results.csv] [--jobs 2] [--minutes 75]
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def main():
     ap.add_argument("auto_check", help="auto_check.py's output for LeNet-300-100")
     ap.add_argument("--results", default=None, help="results.csv of a finished --preset lth run")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--target-min", type=float, default=75.0)
+    ap.add_argument("--minutes", type=float, default=75.0, help="the wall time to compare with")
     a = ap.parse_args()
     try:
         rows = read_auto_check(Path(a.auto_check).read_text())
@@ -106,8 +106,8 @@ def main():
         print(f"\nrounds where auto trains fc1 sparse ({', '.join(map(str, sparse_rounds))}): "
               f"{sparse_best / a.jobs / 60:.1f} min wall at the best kernels; the others "
               f"{(tot['best'] - sparse_best) / a.jobs / 60:.1f} min")
-    need = tot["best"] / a.jobs / 60 / a.target_min
-    print(f"\nfor {a.target_min:g} min wall, every kernel call would have to be {need:.2f}x faster "
+    need = tot["best"] / a.jobs / 60 / a.minutes
+    print(f"\nfor {a.minutes:g} min wall, every kernel call would have to be {need:.2f}x faster "
           f"than the faster of dense and sparse measured here")
 
 
