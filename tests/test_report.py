@@ -58,3 +58,28 @@ def test_training_time_in_results_summary_and_a_plot(tmp_path, synth):
     # a malformed timing.json is not shown, never believed
     (imp.round_dir(0, "rewind", 1) / "timing.json").write_text('{"seconds": "soon"}')
     assert "seconds" not in next(m for m in collect(imp.dir) if m["strategy"] == "rewind" and m["round"] == 1)
+
+
+def test_summary_has_a_table_per_measure_with_a_column_per_strategy(tmp_path, synth):
+    """summary.md: accuracy at the early stop, early-stop iteration and final accuracy, each a
+    table with one column per strategy, whose cells are the mean [min-max] of results.csv."""
+    import csv
+    import io
+    imp = _run(tmp_path, synth, rounds=2)
+    write_report(imp.dir)
+    text = (imp.dir / "summary.md").read_text()
+    rows = list(csv.DictReader(io.StringIO((imp.dir / "results.csv").read_text())))
+    strategies = sorted({r["strategy"] for r in rows} - {"dense"})
+    for heading, column, fmt in [("## Test accuracy (%) at the early stop", "early_stop_test_acc", "{:.2f}"),
+                                 ("## Early-stop iteration", "early_stop_iter", "{:.0f}"),
+                                 ("## Final test accuracy (%)", "final_test_acc", "{:.2f}")]:
+        table = text.split(heading + "\n\n")[1].split("\n\n")[0].splitlines()
+        head = [c.strip() for c in table[0].strip("|").split("|")]
+        assert head[:2] == ["round", "weights left %"] and sorted(head[2:]) == strategies
+        assert len(table) == 2 + 3                           # header, rule, rounds 0-2
+        for line in table[3:]:
+            cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+            for s in strategies:
+                r = next(r for r in rows if r["strategy"] == s and r["round"] == cells["round"])
+                scale = 100 if "acc" in column else 1
+                assert cells[s] == fmt.format(float(r[column]) * scale)      # one seed: the value

@@ -95,9 +95,15 @@ def _cell(vals, scale=1.0, digits=2):
     return f"{vals.mean():.{digits}f} [{vals.min():.{digits}f}-{vals.max():.{digits}f}]"
 
 
+#: summary.md's tables of results, one per measure, one column per strategy: (heading, key in
+#: metrics.json, scale, digits).
+MEASURES = [("Test accuracy (%) at the early stop", "early_stop_test_acc", 100, 2),
+            ("Early-stop iteration", "early_stop_iter", 1, 0),
+            ("Final test accuracy (%)", "final_test_acc", 100, 2)]
+
+
 def summary_markdown(rows: list, settings: dict | None = None, title: str = "") -> str:
     groups = by_strategy(rows)
-    strategies = list(groups)
     rounds = sorted({r for g in groups.values() for r in g})
     seeds = sorted({m["seed"] for m in rows})
     lines = [f"# {title or 'nprune run'}", ""]
@@ -105,33 +111,32 @@ def summary_markdown(rows: list, settings: dict | None = None, title: str = "") 
         recipe = settings.get("recipe", settings)
         lines.append("Recipe: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
         lines.append("")
-    lines.append(f"Seeds: {', '.join(map(str, seeds))} (cells: mean [min-max] over seeds). Test accuracy "
-                 "in % at the early-stop iteration (minimum validation loss); early-stop iteration "
-                 "in training steps.")
+    lines.append(f"Seeds: {', '.join(map(str, seeds))} (cells: mean [min-max] over seeds). The early "
+                 "stop is the evaluated iteration of minimum validation loss; \"final\" is the last "
+                 "iteration of the round.")
     lines.append("")
-    head = ["round", "weights left %"]
-    for s in strategies:
-        head += [f"{s} acc", f"{s} early-stop it", f"{s} final acc"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    for r in rounds:
-        lefts = [m["percent_left"] for g in groups.values() for m in g.get(r, [])]
-        row = [str(r), f"{np.mean(lefts):.2f}" if lefts else ""]
-        for s in strategies:
-            ms = groups[s].get(r, [])
-            if not ms:
-                row += ["", "", ""]
-                continue
-            ok = [m for m in ms if not m.get("diverged")]
-            mark = f" ({len(ms) - len(ok)} of {len(ms)} diverged)" if ok and len(ok) < len(ms) else ""
-            row += [_cell([m["early_stop_test_acc"] for m in ok], 100) + mark,
-                    _cell([m["early_stop_iter"] for m in ok], 1, 0),
-                    _cell([m["final_test_acc"] for m in ok], 100)]
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+    for heading, key, scale, digits in MEASURES:
+        lines += [f"## {heading}", ""] + measure_table(groups, rounds, key, scale, digits) + [""]
     lines += sparsity_markdown(groups)
     lines += timing_markdown(groups, rounds)
     return "\n".join(lines)
+
+
+def measure_table(groups: dict, rounds: list, key: str, scale: float, digits: int) -> list:
+    """One measure, mean [min-max] over seeds, a row per round and a column per strategy; a
+    round with diverged seeds says how many, and averages the others."""
+    head = ["round", "weights left %", *groups]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rounds:
+        lefts = [m["percent_left"] for g in groups.values() for m in g.get(r, [])]
+        row = [str(r), f"{np.mean(lefts):.2f}" if lefts else ""]
+        for s in groups:
+            ms = groups[s].get(r, [])
+            ok = [m for m in ms if not m.get("diverged")]
+            mark = f" ({len(ms) - len(ok)} of {len(ms)} diverged)" if ok and len(ok) < len(ms) else ""
+            row.append(_cell([m[key] for m in ok], scale, digits) + mark if ms else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def timing_markdown(groups: dict, rounds: list) -> list:
