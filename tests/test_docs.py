@@ -1,6 +1,7 @@
 """Every relative link in README.md and docs/*.md points at a file that exists, and every
 #anchor at a heading of that file (GitHub's heading slugs)."""
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ def slug(heading):
     return s.replace(" ", "-")
 
 
+@lru_cache(maxsize=None)
 def anchors(path):
+    """The anchors of a Markdown file's headings, read once per file."""
     text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
     seen, out = {}, set()
     for m in re.finditer(r"^#{1,6} (.+?)\s*#*$", text, flags=re.M):
