@@ -158,3 +158,13 @@ def test_formats(tmp_path):
     assert parse_formats("PNG, svg,png") == ["png", "svg"]
     with pytest.raises(ValueError):
         parse_formats("jpg")
+
+
+def test_a_strategy_on_fewer_seeds_says_so_in_the_legend():
+    """A control run on seed 0 of a 3-seed run: its legend entry names its seed."""
+    rows = _run_rows([0, 1, 2])
+    rows += [dict(m, strategy="ticket-reinit") for m in rows if m["seed"] == 0 and m["strategy"] == "reinit"]
+    fig = draw_metric(rows, "early_stop_test_acc", "acc", RunInfo(rows, SETTINGS), scale=100)
+    texts = _legend_texts(fig.axes[0])
+    assert "ticket-reinit (seed 0)" in texts and "rewind" in texts and "reinit" in texts
+    matplotlib.pyplot.close(fig)

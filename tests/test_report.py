@@ -83,3 +83,23 @@ def test_summary_has_a_table_per_measure_with_a_column_per_strategy(tmp_path, sy
                 r = next(r for r in rows if r["strategy"] == s and r["round"] == cells["round"])
                 scale = 100 if "acc" in column else 1
                 assert cells[s] == fmt.format(float(r[column]) * scale)      # one seed: the value
+
+
+def test_a_strategy_on_fewer_seeds_names_its_seeds_in_tables_and_legends():
+    """A strategy run on fewer seeds than the run (a control added on one seed) is labelled with
+    its own seeds, so its mean over one seed is not read as a mean over all of them."""
+    from nprune.experiment.report import summary_markdown
+    from nprune.experiment.runs import by_strategy, strategy_labels
+
+    def m(seed, strategy, r, acc):
+        return {"seed": seed, "strategy": strategy, "round": r, "percent_left": 100 * 0.8 ** r,
+                "early_stop_test_acc": acc, "early_stop_iter": 100, "final_test_acc": acc,
+                "diverged": False, "weights": {"total": {"left": 8, "percent": 100 * 0.8 ** r}}}
+    rows = [m(0, "dense", 0, 0.98), m(1, "dense", 0, 0.97),
+            m(0, "rewind", 1, 0.99), m(1, "rewind", 1, 0.96), m(0, "ticket-reinit", 1, 0.95)]
+    labels = strategy_labels(by_strategy(rows), [0, 1])
+    assert labels == {"rewind": "rewind", "ticket-reinit": "ticket-reinit (seed 0)"}
+    assert strategy_labels(by_strategy(rows[:4]), [0, 1]) == {"rewind": "rewind"}
+    table = summary_markdown(rows).split("## Test accuracy (%) at the early stop\n\n")[1].splitlines()
+    assert table[0] == "| round | weights left % | rewind | ticket-reinit (seed 0) |"
+    assert table[3] == "| 1 | 80.00 | 97.50 [96.00-99.00] | 95.00 |"

@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..data.fsutil import atomic_open  # noqa: E402
-from .runs import by_strategy  # noqa: E402
+from .runs import by_strategy, strategy_labels  # noqa: E402
 from .strategies import strategy_color  # noqa: E402
 
 DENSE_COLOR = "black"   # the dense round alone, when no strategy has a round yet
@@ -181,16 +181,18 @@ def draw_metric(rows: list, key: str, ylabel: str, info: RunInfo, scale: float =
     rows = [m for m in rows if m.get(key) is not None or m.get("diverged")]
     cap = info.iterations if budget else None
     n_capped = 0
-    for i, (s, rounds) in enumerate(by_strategy(rows).items()):
+    groups = by_strategy(rows)
+    labels = strategy_labels(groups, sorted({m["seed"] for m in rows}))
+    for i, (s, rounds) in enumerate(groups.items()):
         x, y, err, vals = _series(rounds, key)
         if not len(x):
             continue
         color = DENSE_COLOR if s == "dense" else strategy_color(s, i)
         if max(len(v) for v in vals) > 1:
-            ax.errorbar(x, y * scale, yerr=err * scale, marker="o", ms=5, capsize=3, label=s,
-                        color=color)
+            ax.errorbar(x, y * scale, yerr=err * scale, marker="o", ms=5, capsize=3,
+                        label=labels.get(s, s), color=color)
         else:
-            ax.plot(x, y * scale, marker="o", ms=5, label=s, color=color)
+            ax.plot(x, y * scale, marker="o", ms=5, label=labels.get(s, s), color=color)
         if cap:
             at = np.array([bool(np.any(v >= cap)) for v in vals])
             if at.any():

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.fsutil import atomic_write_text
-from .runs import RunFolder, by_strategy, collect
+from .runs import RunFolder, by_strategy, collect, strategy_labels
 
 
 RESULT_COLUMNS = ["seed", "strategy", "round", "percent_left", "weights_left", "early_stop_iter",
@@ -111,21 +111,26 @@ def summary_markdown(rows: list, settings: dict | None = None, title: str = "") 
         recipe = settings.get("recipe", settings)
         lines.append("Recipe: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
         lines.append("")
-    lines.append(f"Seeds: {', '.join(map(str, seeds))} (cells: mean [min-max] over seeds). The early "
+    lines.append(f"Seeds: {', '.join(map(str, seeds))} (cells: mean [min-max] over seeds; a strategy "
+                 "run on fewer seeds names its own in its column's heading). The early "
                  "stop is the evaluated iteration of minimum validation loss; \"final\" is the last "
                  "iteration of the round.")
     lines.append("")
+    names = strategy_labels(groups, seeds)
     for heading, key, scale, digits in MEASURES:
-        lines += [f"## {heading}", ""] + measure_table(groups, rounds, key, scale, digits) + [""]
+        lines += [f"## {heading}", ""] + measure_table(groups, rounds, key, scale, digits, names) + [""]
     lines += sparsity_markdown(groups)
-    lines += timing_markdown(groups, rounds)
+    lines += timing_markdown(groups, rounds, names)
     return "\n".join(lines)
 
 
-def measure_table(groups: dict, rounds: list, key: str, scale: float, digits: int) -> list:
-    """One measure, mean [min-max] over seeds, a row per round and a column per strategy; a
-    round with diverged seeds says how many, and averages the others."""
-    head = ["round", "weights left %", *groups]
+def measure_table(groups: dict, rounds: list, key: str, scale: float, digits: int,
+                  names: dict | None = None) -> list:
+    """One measure, mean [min-max] over seeds, a row per round and a column per strategy (headed
+    by ``names``, default the strategy's name); a round with diverged seeds says how many, and
+    averages the others."""
+    names = names or {s: s for s in groups}
+    head = ["round", "weights left %", *(names[s] for s in groups)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rounds:
         lefts = [m["percent_left"] for g in groups.values() for m in g.get(r, [])]
@@ -139,7 +144,7 @@ def measure_table(groups: dict, rounds: list, key: str, scale: float, digits: in
     return lines
 
 
-def timing_markdown(groups: dict, rounds: list) -> list:
+def timing_markdown(groups: dict, rounds: list, names: dict | None = None) -> list:
     """Wall time per round and per training iteration (evaluation included), mean [min-max] over
     seeds, for the kernel each round ran with: how much faster a sparse ticket trains."""
     timed = [m for g in groups.values() for ms in g.values() for m in ms if "seconds" in m]
@@ -150,9 +155,10 @@ def timing_markdown(groups: dict, rounds: list) -> list:
              f"Wall-clock seconds per round and milliseconds per training iteration (evaluations "
              f"included), kernel {', '.join(kernels)}; they change from run to run and machine to "
              "machine.", ""]
+    names = names or {s: s for s in groups}
     head = ["round", "weights left %"]
     for s in groups:
-        head += [f"{s} s/round", f"{s} ms/it"]
+        head += [f"{names[s]} s/round", f"{names[s]} ms/it"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rounds:
         lefts = [m["percent_left"] for g in groups.values() for m in g.get(r, [])]

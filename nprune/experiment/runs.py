@@ -418,3 +418,16 @@ def by_strategy(rows: list) -> dict:
     if not strategies and dense:
         out["dense"] = {0: dense}
     return out
+
+
+def strategy_labels(groups: dict, seeds: list) -> dict:
+    """{strategy: its label in tables and legends}: the strategy's name, with its own seeds when
+    its pruned rounds cover fewer than the run's ``seeds`` (``ticket-reinit (seed 0)``), so that
+    a mean over one seed is not read as a mean over all of them."""
+    names = {}
+    for s, by_round in groups.items():
+        own = sorted({m["seed"] for r, ms in by_round.items() if r > 0 for m in ms})
+        names[s] = s
+        if own and len(own) < len(seeds):
+            names[s] = f"{s} (seed{'s' if len(own) > 1 else ''} {', '.join(map(str, own))})"
+    return names
