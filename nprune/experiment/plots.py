@@ -182,7 +182,7 @@ def draw_metric(rows: list, key: str, ylabel: str, info: RunInfo, scale: float =
     cap = info.iterations if budget else None
     n_capped = 0
     groups = by_strategy(rows)
-    labels = strategy_labels(groups, sorted({m["seed"] for m in rows}))
+    labels = strategy_labels(groups, info.seeds)
     for i, (s, rounds) in enumerate(groups.items()):
         x, y, err, vals = _series(rounds, key)
         if not len(x):
@@ -190,9 +190,9 @@ def draw_metric(rows: list, key: str, ylabel: str, info: RunInfo, scale: float =
         color = DENSE_COLOR if s == "dense" else strategy_color(s, i)
         if max(len(v) for v in vals) > 1:
             ax.errorbar(x, y * scale, yerr=err * scale, marker="o", ms=5, capsize=3,
-                        label=labels.get(s, s), color=color)
+                        label=labels[s], color=color)
         else:
-            ax.plot(x, y * scale, marker="o", ms=5, label=labels.get(s, s), color=color)
+            ax.plot(x, y * scale, marker="o", ms=5, label=labels[s], color=color)
         if cap:
             at = np.array([bool(np.any(v >= cap)) for v in vals])
             if at.any():

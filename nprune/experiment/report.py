@@ -125,11 +125,9 @@ def summary_markdown(rows: list, settings: dict | None = None, title: str = "") 
 
 
 def measure_table(groups: dict, rounds: list, key: str, scale: float, digits: int,
-                  names: dict | None = None) -> list:
+                  names: dict) -> list:
     """One measure, mean [min-max] over seeds, a row per round and a column per strategy (headed
-    by ``names``, default the strategy's name); a round with diverged seeds says how many, and
-    averages the others."""
-    names = names or {s: s for s in groups}
+    by ``names[strategy]``); a round with diverged seeds says how many, and averages the others."""
     head = ["round", "weights left %", *(names[s] for s in groups)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rounds:
@@ -144,7 +142,7 @@ def measure_table(groups: dict, rounds: list, key: str, scale: float, digits: in
     return lines
 
 
-def timing_markdown(groups: dict, rounds: list, names: dict | None = None) -> list:
+def timing_markdown(groups: dict, rounds: list, names: dict) -> list:
     """Wall time per round and per training iteration (evaluation included), mean [min-max] over
     seeds, for the kernel each round ran with: how much faster a sparse ticket trains."""
     timed = [m for g in groups.values() for ms in g.values() for m in ms if "seconds" in m]
@@ -155,7 +153,6 @@ def timing_markdown(groups: dict, rounds: list, names: dict | None = None) -> li
              f"Wall-clock seconds per round and milliseconds per training iteration (evaluations "
              f"included), kernel {', '.join(kernels)}; they change from run to run and machine to "
              "machine.", ""]
-    names = names or {s: s for s in groups}
     head = ["round", "weights left %"]
     for s in groups:
         head += [f"{names[s]} s/round", f"{names[s]} ms/it"]
