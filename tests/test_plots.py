@@ -6,7 +6,7 @@ import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.container import ErrorbarContainer
 
-from nprune.experiment.plots import RunInfo, all_plots, draw_curves, draw_metric, parse_formats
+from nprune.experiment.plots import RunInfo, all_plots, draw_curves, draw_metric, draw_time, parse_formats
 
 ITERS = 600
 SETTINGS = {"recipe": {"net": "lenet5", "dataset": "mnist", "iterations": ITERS}}
@@ -167,4 +167,14 @@ def test_a_strategy_on_fewer_seeds_says_so_in_the_legend():
     fig = draw_metric(rows, "early_stop_test_acc", "acc", RunInfo(rows, SETTINGS), scale=100)
     texts = _legend_texts(fig.axes[0])
     assert "ticket-reinit (seed 0)" in texts and "rewind" in texts and "reinit" in texts
+    matplotlib.pyplot.close(fig)
+
+
+def test_time_figure_names_the_kernel_on_the_title_s_second_line():
+    """The first title line lists every strategy and can be long; the kernel goes on the second."""
+    rows = [dict(m, ms_per_iteration=2.0, kernel="auto") for m in _run_rows([0, 1])]
+    fig = draw_time(rows, RunInfo(rows, SETTINGS))
+    first, second = fig.axes[0].get_title().splitlines()
+    assert "rewind vs reinit" in first and "kernel" not in first
+    assert second.endswith(", kernel auto") and "2 seeds" in second
     matplotlib.pyplot.close(fig)

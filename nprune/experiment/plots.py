@@ -233,7 +233,8 @@ def draw_time(rows: list, info: RunInfo):
     bottom.set_ylim(bottom=0)
     top.set_xlabel("")
     kernels = sorted({m.get("kernel") or "unknown" for m in rows if "kernel" in m})
-    top.set_title(info.title(f", kernel {', '.join(kernels)}"), fontsize=10)
+    # the kernel joins the second line: the first holds every strategy's name and can be long
+    top.set_title(info.title() + f", kernel {', '.join(kernels)}", fontsize=10)
     fig.tight_layout()
     _thin_tick_labels(bottom)
     return fig
